@@ -1,0 +1,50 @@
+"""Per-run colorization options, upstream's defaults, and the seeded generators."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidInputError
+from .imaging import check_query_size
+
+PROMPT = "manga"
+NEGATIVE_PROMPT = ""
+PREPROCESSORS = ("gray", "none", "screen")
+
+
+@dataclass(frozen=True)
+class ColorizeOptions:
+    """How to colour a page. `size=None` picks upstream's preset closest to each page's aspect ("auto")."""
+
+    size: tuple[int, int] | None = (512, 800)
+    steps: int = 10
+    seed: int = 0
+    guidance_scale: float = 7.5
+    guider_scale: float = 1.0
+    preprocess: str = "gray"
+    sample_posterior: bool = True
+    batch_stat_norm: bool = True
+    top_k: int = 3
+
+    def __post_init__(self):
+        if self.size is not None:
+            check_query_size(*self.size)
+        if self.steps < 1:
+            raise InvalidInputError("steps must be at least 1")
+        if self.guidance_scale < 1.0:
+            raise InvalidInputError("guidance scale must be >= 1.0 (1.0 = no classifier-free guidance)")
+        if self.preprocess not in PREPROCESSORS:
+            raise InvalidInputError(f"unknown preprocess '{self.preprocess}' (choose {', '.join(PREPROCESSORS)})")
+        if not 0 <= self.seed < 2**63:
+            raise InvalidInputError("seed must be a non-negative 64-bit integer")
+
+
+def make_generators(seed: int, device: torch.device | str) -> tuple[torch.Generator, torch.Generator]:
+    """(initial-noise generator, VAE-posterior generator), both seeded with `seed` on `device`.
+
+    Upstream draws the posterior samples from the global RNG seeded with the same seed; a second
+    generator gives the same numbers without touching global state.
+    """
+    device = torch.device(device)
+    return (torch.Generator(device).manual_seed(seed), torch.Generator(device).manual_seed(seed))

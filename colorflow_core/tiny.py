@@ -1,0 +1,158 @@
+"""Write tiny random weights in the exact release layout: try everything without the 17 GB download."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from peft import LoraConfig
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from .models.color_guider import ColorGuiderSDModel
+from .models.fusion import MultiHiddenResNetModel
+from .models.lora import SD_LORA_TARGETS
+
+CONFIGS = Path(__file__).parent / "configs"
+#: Tiny widths; four distinct-enough levels keep every conv_shortcut of the release (626 guider keys).
+BLOCKS = (16, 32, 64, 64)
+VAE_BLOCKS = (8, 16, 32, 32)
+TEXT_DIM = 32
+LORA_RANK = 4
+_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest above 255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level CLIP BPE tokenizer (514 tokens, no merges) that loads offline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
+    vocab.update({token: 512 + i for i, token in enumerate(_SPECIALS)})
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": _SPECIALS[0],
+        "eos_token": _SPECIALS[1],
+        "pad_token": _SPECIALS[1],
+        "unk_token": _SPECIALS[1],
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _randomize_(tensor: torch.Tensor, scale: float, generator: torch.Generator) -> None:
+    tensor.copy_(torch.randn(tensor.shape, generator=generator) * scale)
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    """An SD1.5-shaped UNet at tiny widths."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=BLOCKS,
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def tiny_guider() -> ColorGuiderSDModel:
+    """A ColorGuider at tiny widths with the released config keys and non-zero zero-convs."""
+    guider = ColorGuiderSDModel(block_out_channels=BLOCKS, norm_num_groups=8, cross_attention_dim=TEXT_DIM)
+    return guider
+
+
+def tiny_vae() -> AutoencoderKL:
+    """An SD-shaped VAE (scale factor 8) at tiny widths."""
+    return AutoencoderKL(
+        block_out_channels=VAE_BLOCKS,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.18215,
+    )
+
+
+def lora_state_dict(unet: UNet2DConditionModel, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random non-zero LoRA tensors named as upstream's peft-adapted UNet names them."""
+    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(SD_LORA_TARGETS)))
+    tensors = {k: v.clone() for k, v in unet.state_dict().items() if ".lora_" in k}
+    unet.delete_adapters("default")
+    for tensor in tensors.values():
+        _randomize_(tensor, 0.05, generator)
+    return tensors
+
+
+def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write `folder/colorflow` (release layout) and `folder/sd15` (diffusers base); return both paths."""
+    folder = Path(folder)
+    release, base = folder / "colorflow", folder / "sd15"
+    for path in (release, base):
+        if path.exists():
+            shutil.rmtree(path)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+
+    unet = tiny_unet()
+    unet.save_pretrained(base / "unet")
+    vae = tiny_vae()
+    with torch.no_grad():
+        vae.quant_conv.bias[4:] -= 2.0  # smaller posterior std, like the real VAE
+    vae.save_pretrained(base / "vae")
+    text = CLIPTextConfig(
+        vocab_size=514, hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=TEXT_DIM, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+    )
+    CLIPTextModel(text).save_pretrained(base / "text_encoder")
+    write_tokenizer(base / "tokenizer")
+    (base / "scheduler").mkdir(parents=True)
+    shutil.copy(CONFIGS / "sd15_scheduler_config.json", base / "scheduler" / "scheduler_config.json")
+    (base / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
+    }, indent=2))
+
+    gray = release / "GraySD"
+    guider = tiny_guider()
+    with torch.no_grad():
+        for name, param in guider.named_parameters():
+            if name.startswith("brushnet_") or name.startswith("conv_in_condition"):
+                _randomize_(param, 0.1, generator)
+    guider.save_pretrained(gray)
+    torch.save(lora_state_dict(unet, generator), gray / "unet_lora.bin")
+    fusion = MultiHiddenResNetModel(channels_list=(VAE_BLOCKS[0], *VAE_BLOCKS))
+    with torch.no_grad():
+        for name, buffer in fusion.named_buffers():
+            if name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0, generator=generator)
+            elif name.endswith("running_mean"):
+                _randomize_(buffer, 0.1, generator)
+    torch.save(fusion.state_dict(), gray / "MultiResNetModel.bin")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        image_size=224, patch_size=14, projection_dim=16,
+    )
+    CLIPVisionModelWithProjection(vision).save_pretrained(release / "image_encoder")
+    return release, base

@@ -1,0 +1,32 @@
+"""Shared test fixtures: offline hub, the shared parity folder (skipped with a reason when absent)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COLORFLOW_SHARED", REPO.parent / "shared"))
+PARITY = SHARED / "parity" / "sd-gray-tiny"
+EXAMPLES = SHARED / "data" / "upstream-examples"
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    """The upstream golden fixtures; tests that need them skip when ../shared is not beside the checkout."""
+    if not (PARITY / "manifest.json").is_file():
+        pytest.skip(f"parity fixtures not found at {PARITY} (set COLORFLOW_SHARED to the shared/ folder)")
+    return PARITY
+
+
+@pytest.fixture(scope="session")
+def examples_dir() -> Path:
+    """Upstream's example pages (third-party; read from ../shared, never shipped)."""
+    if not (EXAMPLES / "example_3").is_dir():
+        pytest.skip(f"upstream examples not found at {EXAMPLES}")
+    return EXAMPLES
