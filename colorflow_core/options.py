@@ -48,3 +48,17 @@ def make_generators(seed: int, device: torch.device | str) -> tuple[torch.Genera
     """
     device = torch.device(device)
     return (torch.Generator(device).manual_seed(seed), torch.Generator(device).manual_seed(seed))
+
+
+def gsrp_generator(seed: int, device: torch.device | str, canvas_size: tuple[int, int], cfg: bool) -> torch.Generator:
+    """The posterior generator as GSRP finds it after ICP drew its two canvas samples.
+
+    Lets a separately run upscaler reproduce the one-call result: the refs-only and query-only
+    canvases each drew a (batch, 4, 2H/8, 2W/8) sample first (batch 2 under CFG).
+    """
+    generator = make_generators(seed, device)[1]
+    width, height = canvas_size
+    shape = (2 if cfg else 1, 4, height // 8, width // 8)
+    for _ in range(2):
+        torch.randn(shape, generator=generator, device=generator.device)
+    return generator

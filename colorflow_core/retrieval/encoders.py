@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from PIL import Image
@@ -59,7 +59,9 @@ def default_image_processor() -> Any:
     return processor_class()
 
 
-def _encode_batches(images: Sequence[Image.Image], batch_size: int, dim: int, embed) -> torch.Tensor:
+def _encode_batches(
+    images: Sequence[Image.Image], batch_size: int, dim: int, embed: Callable[[list[Image.Image]], torch.Tensor]
+) -> torch.Tensor:
     """Run `embed` over `images` in batches and stack the float32 CPU results."""
     if not images:
         return torch.empty(0, dim)
