@@ -17,7 +17,7 @@ PREPROCESSORS = ("gray", "none", "screen")
 class ColorizeOptions:
     """How to colour a page. `size=None` picks upstream's preset closest to each page's aspect ("auto")."""
 
-    size: tuple[int, int] | None = (512, 800)
+    size: tuple[int, int] | None = None
     steps: int = 10
     seed: int = 0
     guidance_scale: float = 7.5

@@ -30,3 +30,20 @@ def examples_dir() -> Path:
     if not (EXAMPLES / "example_3").is_dir():
         pytest.skip(f"upstream examples not found at {EXAMPLES}")
     return EXAMPLES
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory) -> tuple[Path, Path]:
+    """(release folder, SD1.5 base folder) of tiny random weights written by the project's factory."""
+    from colorflow_core.tiny import write_tiny_release
+
+    return write_tiny_release(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_release):
+    """The tiny ColorFlow model, loaded once (tests must not mutate it)."""
+    from colorflow_core.loading import load_colorflow
+
+    release, base = tiny_release
+    return load_colorflow(release, base, device="cpu", dtype="float32")
