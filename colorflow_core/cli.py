@@ -60,6 +60,19 @@ def save_intermediates(folder: Path, result) -> None:
     write_json(page_dir / "retrieval.json", {"top3": result.retrieval.indices.tolist(), **result.retrieval.to_json()})
 
 
+def _encoder(spec: str, model):
+    """'release' → the release's CLIP ViT-H/14; 'open_clip:MODEL[:WEIGHTS_FILE_OR_TAG]' → an open_clip model."""
+    if spec == "release":
+        return model.encoder
+    kind, _, rest = spec.partition(":")
+    if kind != "open_clip" or not rest:
+        raise ColorFlowError(f"unknown encoder '{spec}' (use 'release' or 'open_clip:MODEL[:WEIGHTS]')")
+    from .retrieval import OpenClipEncoder
+
+    name, _, weights = rest.partition(":")
+    return OpenClipEncoder(name, weights or None, device=model.device)
+
+
 def colorize(args: argparse.Namespace) -> int:
     """Run the whole pipeline over the given pages; write `<out>/<page stem>.png`."""
     from .loading import load_colorflow
@@ -77,7 +90,7 @@ def colorize(args: argparse.Namespace) -> int:
     model = load_colorflow(
         args.colorflow, args.base, style=args.style, device=args.device, dtype=args.dtype, allow_download=args.download
     )
-    pool = ReferencePool(model.encoder, store=args.pool)
+    pool = ReferencePool(_encoder(args.encoder, model), store=args.pool)
     added = pool.add(args.refs)
     print(f"{len(pool)} references in the pool ({added} new)", file=sys.stderr, flush=True)
     out = Path(args.out)
@@ -120,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
     run.add_argument("--feed-back", action="store_true", help="add each finished page to the pool for later pages")
     run.add_argument("--pool", help="folder that persists the reference pool's embeddings between runs")
+    run.add_argument("--encoder", default="release",
+                     help="retrieval encoder: 'release' (CLIP ViT-H/14, as upstream) or 'open_clip:MODEL[:WEIGHTS]'")
     run.add_argument("--posterior-mode", action="store_true", help="GSRP decodes the posterior mean, not a sample")
     run.add_argument("--download", action="store_true", help="download missing weights from Hugging Face")
     run.add_argument("--save-intermediates", metavar="DIR", help="write canvas, mask, icp, lowres, final, retrieval.json")

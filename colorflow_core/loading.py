@@ -148,6 +148,7 @@ def load_colorflow(
     encoder = ReleaseClipEncoder.from_pretrained(root / "image_encoder", device=device)
 
     pipeline = ColorFlowSDPipeline(unet=unet, guider=guider, **components)
-    pipeline.to(device=device, dtype=dtype)
-    fusion.to(device=device, dtype=dtype)
+    for module in (*pipeline.components.values(), fusion):
+        if isinstance(module, torch.nn.Module):
+            module.to(device=device, dtype=None if dtype == torch.float32 else dtype)
     return ColorFlowModel(style, pipeline, GuidedSuperResolver(pipeline.vae, fusion), encoder, root)

@@ -110,3 +110,21 @@ def test_make_tiny_then_colorize_as_a_subprocess(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "step 1/1" in run.stderr and "page 1/1 done" in run.stderr
     assert Image.open(tmp_path / "out" / "page.png").size == (96, 144)
+
+
+def test_open_clip_encoder_option(tiny_release, tmp_path, monkeypatch):
+    import open_clip
+
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 8, "patch_size": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "Tiny-ViT-Test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "cfg")
+    page = tmp_path / "p.png"
+    Image.new("L", (64, 96), 100).save(page)
+    inter = tmp_path / "inter"
+    args = colorize_args(tiny_release, tmp_path, "--encoder", "open_clip:Tiny-ViT-Test", "--width", "64", "--height", "96",
+                         "--save-intermediates", str(inter), str(page))
+    assert main(args) == 0
+    assert len(json.loads((inter / "p" / "retrieval.json").read_text())["top3"]) == 4
+    assert main(colorize_args(tiny_release, tmp_path, "--encoder", "bogus", str(page))) == 1
