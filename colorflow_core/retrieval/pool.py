@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..errors import ColorFlowError, IncompatibleWeightsError, InvalidInputError
-from ..imaging import ImageLike, load_image, process_image, to_rgb
+from ..imaging import ImageLike, list_images, load_image, process_image, to_rgb
 from .encoders import ImageEncoder
 from .patches import PATCHES_PER_REFERENCE, patch_boxes, query_patches, reference_patches
 from .search import build_index, search_index
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 POOL_FILE = "pool.json"
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 #: Modes a PNG holds losslessly; other modes are stored (and used) as the RGB that `process_image` makes of them.
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})
 #: References embedded per encoder call (×5 candidate images).
@@ -104,14 +103,6 @@ def _storable(image: Image.Image) -> Image.Image:
     return image if image.mode in _PNG_MODES else to_rgb(image)
 
 
-def _folder_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name."""
-    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
-    if not files:
-        raise InvalidInputError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {folder}")
-    return files
-
-
 def _expand(items: Items) -> list[tuple[ImageLike, str | None]]:
     """Flatten images, arrays, files and folders into (item, original name) pairs."""
     if isinstance(items, (str, Path, Image.Image, np.ndarray)):
@@ -119,7 +110,7 @@ def _expand(items: Items) -> list[tuple[ImageLike, str | None]]:
     expanded: list[tuple[ImageLike, str | None]] = []
     for item in items:
         if isinstance(item, (str, Path)) and Path(item).is_dir():
-            expanded.extend((path, path.name) for path in _folder_images(Path(item)))
+            expanded.extend((path, path.name) for path in list_images(Path(item)))
         elif isinstance(item, (str, Path)):
             expanded.append((item, Path(item).name))
         else:
