@@ -16,6 +16,7 @@ from .models.lora import apply_lora
 from .pipelines.colorflow_sd import ColorFlowSDPipeline
 from .pipelines.guided_sr import GuidedSuperResolver
 from .retrieval.encoders import ReleaseClipEncoder
+from .single_file import is_single_file, load_sd15_single_file
 from .weights import COLORFLOW_REPO, SD15_REPO, find_weight_file, read_state_dict, require_file, resolve_snapshot
 
 #: Release sub-folder per input style.
@@ -95,9 +96,14 @@ def load_fusion(folder: Path, vae: AutoencoderKL, root: Path | None = None) -> M
     return _load_strict(fusion, state_dict, weights)
 
 
-def load_unet_with_lora(base: Path, lora_folder: Path, root: Path | None = None) -> UNet2DConditionModel:
-    """The SD1.5 UNet with the release LoRA, every tensor of which must be applied."""
-    unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
+def load_unet_with_lora(
+    base: Path | UNet2DConditionModel, lora_folder: Path, root: Path | None = None
+) -> UNet2DConditionModel:
+    """The SD1.5 UNet (from `base/unet`, or one already loaded) with the release LoRA, every tensor of which must be applied."""
+    if isinstance(base, UNet2DConditionModel):
+        unet = base
+    else:
+        unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
     lora = find_weight_file(lora_folder, "unet_lora", root)
     apply_lora(unet, read_state_dict(lora))
     return unet.eval()
@@ -111,8 +117,12 @@ def load_tokenizer(folder: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def load_base_components(base: Path) -> dict:
-    """VAE, text encoder, tokenizer and UniPC scheduler of an SD1.5 diffusers folder."""
+def load_base_components(base: Path, config_dir: Path | None = None) -> dict:
+    """VAE, text encoder, tokenizer and UniPC scheduler of an SD1.5 diffusers folder; for a single-file checkpoint
+    (e.g. ComfyUI's v1-5-pruned-emaonly.safetensors) also its `unet`, read from the same file with the diffusers
+    configs in `config_dir` (default: the shipped SD1.5 configs)."""
+    if is_single_file(base):
+        return load_sd15_single_file(Path(base), config_dir)
     for sub, name in (("vae", "config.json"), ("text_encoder", "config.json"), ("scheduler", "scheduler_config.json")):
         require_file(base / sub / name, base, SD15_REPO)
     return dict(
@@ -133,16 +143,25 @@ def load_colorflow(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
     allow_download: bool = False,
+    base_config: str | Path | None = None,
 ) -> ColorFlowModel:
-    """Load one ColorFlow style from a release snapshot (folder or repo id) and its base model."""
+    """Load one ColorFlow style from a release snapshot (folder or repo id) and its base model.
+
+    `base` is an SD1.5 diffusers folder, a repo id, or a single-file checkpoint (.safetensors/.ckpt, original
+    LDM layout). `base_config` only matters for a single file: the diffusers config folder describing it
+    (default: the shipped SD1.5 configs; tests pass the tiny base folder).
+    """
     if style not in STYLE_FOLDERS:
         raise InvalidInputError(f"style '{style}' is not available (choose {', '.join(STYLE_FOLDERS)})")
     sub = STYLE_FOLDERS[style]
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     root = resolve_snapshot(colorflow, [f"{sub}/*", "image_encoder/*"], allow_download, "the ColorFlow release")
-    base_dir = resolve_snapshot(base, _SD15_PATTERNS, allow_download, "the SD1.5 base model")
-    components = load_base_components(base_dir)
-    unet = load_unet_with_lora(base_dir, root / sub, root)
+    if is_single_file(base):
+        base_dir = Path(base).expanduser()
+    else:
+        base_dir = resolve_snapshot(base, _SD15_PATTERNS, allow_download, "the SD1.5 base model")
+    components = load_base_components(base_dir, Path(base_config) if base_config is not None else None)
+    unet = load_unet_with_lora(components.pop("unet", base_dir), root / sub, root)
     guider = load_guider(root / sub, root)
     fusion = load_fusion(root / sub, components["vae"], root)
     encoder = ReleaseClipEncoder.from_pretrained(root / "image_encoder", device=device)
