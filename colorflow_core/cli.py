@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("colorize", help="colorize pages with coloured references")
     run.add_argument("--colorflow", default=COLORFLOW_REPO, help="ColorFlow release folder or Hugging Face repo id")
-    run.add_argument("--base", default=SD15_REPO, help="SD1.5 diffusers folder or repo id")
+    run.add_argument("--base", default=SD15_REPO, help="SD1.5: diffusers folder, repo id, or a single-file checkpoint (.safetensors)")
     run.add_argument("--refs", nargs="+", required=True, help="reference images or folders")
     run.add_argument("--out", required=True, help="output folder (gets <page stem>.png)")
     run.add_argument("--style", default="gray", choices=["gray"], help="input style")
