@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
-import faiss
 import numpy as np
 import torch
 from PIL import Image
@@ -31,7 +30,7 @@ from ..errors import ColorFlowError, IncompatibleWeightsError, InvalidInputError
 from ..imaging import ImageLike, list_images, load_image, process_image, to_rgb
 from .encoders import ImageEncoder
 from .patches import PATCHES_PER_REFERENCE, patch_boxes, query_patches, reference_patches
-from .search import build_index, search_index
+from .search import build_index, load_faiss, search_index
 from .store import write_faiss_index, write_json, write_npy, write_png
 
 log = logging.getLogger(__name__)
@@ -133,7 +132,8 @@ class ReferencePool:
         self._refs: list[_Reference] = []
         self._embeddings: dict[tuple[str, str, int, int], np.ndarray] = {}
         self._candidates: dict[tuple[str, int, int], list[Image.Image]] = {}
-        self._indexes: dict[Size, tuple[str, faiss.Index]] = {}
+        self._indexes: dict[Size, tuple[str, Any]] = {}
+        self._parent: ReferencePool | None = None
         self._index_signatures: dict[str, str] = {}
         if self.store is not None and (self.store / POOL_FILE).exists():
             self._load()
@@ -142,6 +142,26 @@ class ReferencePool:
     def open(cls, store: str | Path, encoder: ImageEncoder) -> "ReferencePool":
         """The pool persisted in `store` (empty if there is none yet), bound to `encoder`."""
         return cls(encoder, store)
+
+    @staticmethod
+    def stored_encoder(store: str | Path) -> tuple[str, int] | None:
+        """(encoder name, dim) recorded by the pool persisted in `store`, or None when there is none."""
+        path = Path(store) / POOL_FILE
+        if not path.is_file():
+            return None
+        manifest = read_manifest(Path(store))
+        return manifest["encoder"], manifest["dim"]
+
+    def fork(self) -> "ReferencePool":
+        """An unpersisted copy to grow (e.g. with fed-back pages) without changing this pool; it reuses
+        this pool's embeddings, in memory and on disk, so nothing already embedded is embedded again."""
+        twin = ReferencePool(self.encoder)
+        twin._refs = [_Reference(ref.digest, ref.name, self._image(ref)) for ref in self._refs]
+        # Shared on purpose: entries are keyed by (encoder, content hash, size), so they are never stale.
+        twin._embeddings = self._embeddings
+        twin._candidates = self._candidates
+        twin._parent = self
+        return twin
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -240,7 +260,7 @@ class ReferencePool:
 
     def _cached(self, ref: _Reference, size: Size) -> bool:
         key = self._embedding_key(ref, size)
-        if key in self._embeddings:
+        if key in self._embeddings or (self._parent is not None and self._parent._cached(ref, size)):
             return True
         path = self._embedding_path(ref, size)
         if path is None or not path.is_file():
@@ -268,7 +288,7 @@ class ReferencePool:
         payload = json.dumps([self.encoder.name, list(size), [ref.digest for ref in self._refs]])
         return hashlib.sha256(payload.encode()).hexdigest()
 
-    def _index(self, size: Size, progress: Progress | None) -> faiss.Index:
+    def _index(self, size: Size, progress: Progress | None) -> Any:
         signature = self._signature(size)
         cached = self._indexes.get(size)
         if cached is not None and cached[0] == signature:
@@ -280,12 +300,12 @@ class ReferencePool:
         self._indexes[size] = (signature, index)
         return index
 
-    def _load_index(self, size: Size, signature: str) -> faiss.Index | None:
+    def _load_index(self, size: Size, signature: str) -> Any:
         if self.store is None or self._index_signatures.get(_size_key(size)) != signature:
             return None
         path = self._index_path(size)
         try:
-            index = faiss.read_index(str(path))
+            index = load_faiss().read_index(str(path))
         except RuntimeError as exc:
             log.warning("rebuilding unreadable index %s (%s)", path, exc)
             return None
@@ -294,7 +314,7 @@ class ReferencePool:
             return None
         return index
 
-    def _save_index(self, size: Size, signature: str, index: faiss.Index) -> None:
+    def _save_index(self, size: Size, signature: str, index: Any) -> None:
         if self.store is None:
             return
         write_faiss_index(self._index_path(size), index)
@@ -329,7 +349,7 @@ class ReferencePool:
         )
 
     def _load(self) -> None:
-        manifest = self._read_manifest()
+        manifest = read_manifest(self.store)
         self._refs = [_Reference(entry["hash"], entry.get("name"), None) for entry in manifest["references"]]
         for ref in self._refs:
             if not self._ref_path(ref.digest).is_file():
@@ -340,16 +360,6 @@ class ReferencePool:
             log.info("pool %s was embedded by '%s'; rebuilding for '%s'", self.store, manifest["encoder"], self.encoder.name)
             self._discard_vectors()
             self._write_manifest(self._refs)
-
-    def _read_manifest(self) -> dict[str, Any]:
-        path = self.store / POOL_FILE
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PoolStoreError(f"cannot read reference pool file {path}: {exc}; delete the store folder to start over") from exc
-        if not _valid_manifest(manifest):
-            raise PoolStoreError(f"{path} is not a version-{FORMAT_VERSION} reference pool file; delete the store folder to start over")
-        return manifest
 
     def _discard_vectors(self) -> None:
         """Delete every other encoder's embeddings and all indexes, so vectors of two encoders never mix."""
@@ -365,6 +375,18 @@ class ReferencePool:
         for path in self.store.glob("index_*.faiss"):
             path.unlink()
         self._index_signatures.clear()
+
+
+def read_manifest(store: Path) -> dict[str, Any]:
+    """The parsed `pool.json` of a persisted pool; PoolStoreError when it is unreadable or of another version."""
+    path = store / POOL_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PoolStoreError(f"cannot read reference pool file {path}: {exc}; delete the store folder to start over") from exc
+    if not _valid_manifest(manifest):
+        raise PoolStoreError(f"{path} is not a version-{FORMAT_VERSION} reference pool file; delete the store folder to start over")
+    return manifest
 
 
 def _valid_manifest(manifest: Any) -> bool:

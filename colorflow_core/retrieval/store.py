@@ -8,7 +8,6 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable
 
-import faiss
 import numpy as np
 from PIL import Image
 
@@ -55,6 +54,8 @@ def write_png(path: Path, image: Image.Image) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def write_faiss_index(path: Path, index: faiss.Index) -> None:
+def write_faiss_index(path: Path, index: Any) -> None:
     """Atomically write a faiss index."""
-    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
+    from .search import load_faiss
+
+    atomic_write(path, lambda tmp: load_faiss().write_index(index, str(tmp)))

@@ -362,3 +362,30 @@ def test_pool_write_failure_leaves_the_persisted_pool_intact(tmp_path, monkeypat
     assert (store / "pool.json").read_text() == before and len(pool) == 2
     assert not [p for p in store.rglob("*") if p.name.endswith(".tmp")]
     assert len(ReferencePool.open(store, FakeEncoder())) == 2
+
+
+def test_fork_reuses_embeddings_and_leaves_the_store_alone(tmp_path):
+    encoder = FakeEncoder()
+    store = tmp_path / "pool"
+    pool = ReferencePool(encoder, store)
+    pool.add([_image(1), _image(2)])
+    pool.search(_query(), size=SIZE)
+    manifest = (store / "pool.json").read_bytes()
+    reopened = ReferencePool.open(store, encoder)
+    twin = reopened.fork()
+    twin.add([_image(4)])
+    twin.search(_query(), size=SIZE)
+    assert twin.embedded_count == 5  # only the new reference's 5 patches
+    assert len(twin) == 3 and len(reopened) == 2
+    assert (store / "pool.json").read_bytes() == manifest
+    assert ReferencePool.stored_encoder(store) == (encoder.name, encoder.dim)
+    assert ReferencePool.stored_encoder(tmp_path / "none") is None
+
+
+def test_importing_the_pool_does_not_import_faiss():
+    import subprocess
+    import sys
+
+    code = "import sys, colorflow_core.retrieval; print('faiss' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
