@@ -73,6 +73,28 @@ def _encoder(spec: str, model):
     return OpenClipEncoder(name, weights or None, device=model.device)
 
 
+#: Upstream's page preprocessing per style (Sketch_Shading's shading is part of its own method).
+STYLE_PREPROCESS = {"gray": "screen", "sketch": "sketch", "sketch_shading": "sketch_shading"}
+
+
+def style_settings(style: str, preprocess: str | None, guidance: float | None) -> tuple[str, float]:
+    """(preprocessing method, CFG scale): the user's choices, else the style's upstream defaults."""
+    from .loading import STYLE_GUIDANCE
+    from .options import PREPROCESSORS
+
+    if style not in STYLE_GUIDANCE:
+        raise ColorFlowError(f"style '{style}' is not available (choose {', '.join(STYLE_GUIDANCE)})")
+    guidance = STYLE_GUIDANCE[style] if guidance is None else guidance
+    if preprocess is None:
+        preprocess = STYLE_PREPROCESS[style]
+        if preprocess not in PREPROCESSORS:
+            raise ColorFlowError(
+                f"style '{style}' is preprocessed with the '{preprocess}' line extractor, which this installation does "
+                "not provide; pass --preprocess none (page used as it is) or --preprocess gray"
+            )
+    return preprocess, guidance
+
+
 def colorize(args: argparse.Namespace) -> int:
     """Run the whole pipeline over the given pages; write `<out>/<page stem>.png`."""
     from .loading import load_colorflow
@@ -82,9 +104,11 @@ def colorize(args: argparse.Namespace) -> int:
     from .sequence import colorize_pages
 
     pages = _pages(args.pages)
+    preprocess, guidance = style_settings(args.style, args.preprocess, args.guidance)
     options = ColorizeOptions(
-        size=_size(args), steps=args.steps, seed=args.seed, guidance_scale=args.guidance,
-        guider_scale=args.guider_scale, preprocess=args.preprocess, sample_posterior=not args.posterior_mode,
+        size=_size(args), steps=args.steps, seed=args.seed, guidance_scale=guidance,
+        guider_scale=args.guider_scale, preprocess=preprocess, sample_posterior=not args.posterior_mode,
+        screen_deterministic=args.screen_deterministic,
     )
     print("loading models…", file=sys.stderr, flush=True)
     model = load_colorflow(
@@ -101,12 +125,42 @@ def colorize(args: argparse.Namespace) -> int:
     return 0
 
 
+def preprocess(args: argparse.Namespace) -> int:
+    """Write each page's preprocessed input context and guide: `<out>/<stem>_context.png`, `<stem>_guide.png`."""
+    from .imaging import auto_size, check_query_size, load_image, process_image
+    from .loading import resolve_device
+    from .preprocessors import NEEDS, RELEASE_FILES, STYLE_METHODS, Preprocessors, preprocess_image
+    from .retrieval.store import write_png
+    from .weights import resolve_snapshot
+
+    pages = _pages(args.pages)
+    method = args.preprocess or STYLE_METHODS[args.style]
+    size, native = _size(args), args.size == "native"
+    if size is not None:
+        check_query_size(*size)
+    needs, root = NEEDS.get(method), None
+    if needs == "screen_style" or (needs == "line_extractor" and args.erika is None):
+        root = resolve_snapshot(args.colorflow, RELEASE_FILES[needs], args.download, "the ColorFlow release")
+    preprocessors = Preprocessors(root, erika=args.erika, device=resolve_device(args.device))
+    out = Path(args.out)
+    for index, path in enumerate(pages):
+        image = load_image(path)
+        if not native:
+            width, height = size or auto_size(image)
+            image = process_image(image, int(1.5 * width), int(1.5 * height))
+        context, guide = preprocess_image(image, method, preprocessors, seed=args.seed, deterministic=args.deterministic)
+        write_png(out / f"{path.stem}_context.png", context)
+        write_png(out / f"{path.stem}_guide.png", guide)
+        print(f"page {index + 1}/{len(pages)} done", file=sys.stderr, flush=True)
+    return 0
+
+
 def make_tiny(args: argparse.Namespace) -> int:
     """Write tiny random weights in the release layout."""
     from .tiny import write_tiny_release
 
     release, base = write_tiny_release(Path(args.folder), seed=args.seed)
-    print(json.dumps({"colorflow": str(release), "base": str(base)}))
+    print(json.dumps({"colorflow": str(release), "base": str(base), "pixart": str(Path(args.folder) / "pixart")}))
     return 0
 
 
@@ -117,17 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("colorize", help="colorize pages with coloured references")
     run.add_argument("--colorflow", default=COLORFLOW_REPO, help="ColorFlow release folder or Hugging Face repo id")
-    run.add_argument("--base", default=SD15_REPO, help="SD1.5: diffusers folder, repo id, or a single-file checkpoint (.safetensors)")
+    run.add_argument("--base", help=f"style gray: SD1.5 diffusers folder, repo id, or a single-file checkpoint (.safetensors), "
+                     f"default {SD15_REPO}; styles sketch/sketch_shading: PixArt-XL-2-1024-MS diffusers folder or repo id")
     run.add_argument("--refs", nargs="+", required=True, help="reference images or folders")
     run.add_argument("--out", required=True, help="output folder (gets <page stem>.png)")
-    run.add_argument("--style", default="gray", choices=["gray"], help="input style")
-    run.add_argument("--preprocess", default="gray", choices=["screen", "gray", "none"], help="page preprocessing")
+    run.add_argument("--style", default="gray", choices=["gray", "sketch", "sketch_shading"],
+                     help="input style: gray (SD1.5) or sketch / sketch_shading (line art, PixArt-α)")
+    run.add_argument("--preprocess", default=None, choices=["screen", "gray", "none", "sketch", "sketch_shading"],
+                     help="page preprocessing (default: the style's: gray → screen, sketch → sketch, …)")
+    run.add_argument("--screen-deterministic", action="store_true",
+                     help="ScreenStyle without its dropout and noise (otherwise they are seeded by --seed)")
     run.add_argument("--width", type=int, help="query width (multiple of 32)")
     run.add_argument("--height", type=int, help="query height (multiple of 32)")
     run.add_argument("--size", choices=["auto"], help="pick 640x640, 512x800 or 800x512 by each page's aspect (default)")
     run.add_argument("--steps", type=int, default=10, help="denoising steps")
     run.add_argument("--seed", type=int, default=0, help="random seed (same meaning as upstream's)")
-    run.add_argument("--guidance", type=float, default=7.5, help="CFG scale; 1.0 = no CFG (twice as fast)")
+    run.add_argument("--guidance", type=float, help="CFG scale (default: the style's, 7.5 gray / 4.5 sketch); 1.0 = no CFG (twice as fast)")
     run.add_argument("--guider-scale", type=float, default=1.0, help="strength of the colour guider residuals")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
@@ -141,10 +200,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pages", nargs="+", help="page images or folders")
     run.set_defaults(func=colorize)
 
+    prep = commands.add_parser("preprocess", help="write the preprocessed input (context and guide) of pages")
+    prep.add_argument("--style", default="gray", choices=["gray", "sketch", "sketch_shading"],
+                      help="input style; picks the method: gray → screen, sketch → sketch, sketch_shading → sketch_shading")
+    prep.add_argument("--preprocess", choices=["screen", "gray", "none", "sketch", "sketch_shading"],
+                      help="override the style's method")
+    prep.add_argument("--colorflow", default=COLORFLOW_REPO, help="ColorFlow release folder or Hugging Face repo id")
+    prep.add_argument("--erika", help="line extractor weights (erika.pth, or a folder holding it); default <colorflow>/LE/erika.pth")
+    prep.add_argument("--out", required=True, help="output folder (gets <stem>_context.png and <stem>_guide.png)")
+    prep.add_argument("--width", type=int, help="query width (multiple of 32); the output is 1.5× it")
+    prep.add_argument("--height", type=int, help="query height (multiple of 32); the output is 1.5× it")
+    prep.add_argument("--size", choices=["auto", "native"],
+                      help="auto (default): 1.5× the preset closest to each page's aspect; native: the page's own size")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the ScreenStyle decoder's dropout and noise")
+    prep.add_argument("--deterministic", action="store_true", help="ScreenStyle without dropout and noise")
+    prep.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+    prep.add_argument("--download", action="store_true", help="download missing weights from Hugging Face")
+    prep.add_argument("pages", nargs="+", help="page images or folders")
+    prep.set_defaults(func=preprocess)
+
     tiny = commands.add_parser("make-tiny", help="write tiny random weights in the release layout")
-    tiny.add_argument("folder", help="writes FOLDER/colorflow and FOLDER/sd15")
+    tiny.add_argument("folder", help="writes FOLDER/colorflow, FOLDER/sd15 and FOLDER/pixart")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=make_tiny)
+
+    from .evaluation.cli import register as register_evaluation  # evaluate, bench, make-chapter
+
+    register_evaluation(commands)
     return parser
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -15,12 +16,15 @@ from .models.fusion import MultiHiddenResNetModel
 from .models.lora import apply_lora
 from .pipelines.colorflow_sd import ColorFlowSDPipeline
 from .pipelines.guided_sr import GuidedSuperResolver
+from .preprocessors import PREPROCESSOR_FILES, Preprocessors
 from .retrieval.encoders import ReleaseClipEncoder
 from .single_file import is_single_file, load_sd15_single_file
 from .weights import COLORFLOW_REPO, SD15_REPO, find_weight_file, read_state_dict, require_file, resolve_snapshot
 
-#: Release sub-folder per input style.
-STYLE_FOLDERS = {"gray": "GraySD"}
+#: Release sub-folder per input style ("sketch"/"sketch_shading" run on PixArt-α, see loading_pixart).
+STYLE_FOLDERS = {"gray": "GraySD", "sketch": "sketch", "sketch_shading": "shading"}
+#: Upstream's CFG scale per style (the pipelines' defaults; the app never overrode them).
+STYLE_GUIDANCE = {"gray": 7.5, "sketch": 4.5, "sketch_shading": 4.5}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SD15_PATTERNS = ["model_index.json", "unet/*", "vae/*", "text_encoder/*", "tokenizer/*", "scheduler/*"]
 
@@ -30,7 +34,7 @@ class ColorFlowModel:
     """Everything one style needs: the ICP sampler, the guided upscaler and the retrieval encoder."""
 
     style: str
-    pipeline: ColorFlowSDPipeline
+    pipeline: ColorFlowSDPipeline  # or ColorFlowPixArtPipeline (same call and result) for the PixArt styles
     upscaler: GuidedSuperResolver
     encoder: ReleaseClipEncoder
     snapshot: Path
@@ -39,6 +43,16 @@ class ColorFlowModel:
     def device(self) -> torch.device:
         """Device the diffusion models run on."""
         return self.pipeline.device
+
+    @cached_property
+    def preprocessors(self) -> Preprocessors:
+        """The page preprocessing networks (ScreenStyle, line extractor) of this release, each loaded on first use."""
+        return Preprocessors(self.snapshot, device=self.device)
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The CFG scale to use when the user sets none (SD1.5 7.5, PixArt 4.5, as upstream)."""
+        return self.pipeline.default_guidance_scale
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -137,25 +151,36 @@ def load_base_components(base: Path, config_dir: Path | None = None) -> dict:
 
 def load_colorflow(
     colorflow: str | Path = COLORFLOW_REPO,
-    base: str | Path = SD15_REPO,
+    base: str | Path | None = None,
     *,
     style: str = "gray",
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
     allow_download: bool = False,
     base_config: str | Path | None = None,
+    prompt_cache: str | Path | None = None,
 ) -> ColorFlowModel:
     """Load one ColorFlow style from a release snapshot (folder or repo id) and its base model.
 
     `base` is an SD1.5 diffusers folder, a repo id, or a single-file checkpoint (.safetensors/.ckpt, original
     LDM layout). `base_config` only matters for a single file: the diffusers config folder describing it
     (default: the shipped SD1.5 configs; tests pass the tiny base folder).
+    Styles "sketch"/"sketch_shading" take a PixArt-XL-2-1024-MS diffusers folder or repo id as `base` (default
+    that repo); `prompt_cache` is where their T5 prompt embeddings are cached (default: beside the base model).
     """
     if style not in STYLE_FOLDERS:
         raise InvalidInputError(f"style '{style}' is not available (choose {', '.join(STYLE_FOLDERS)})")
     sub = STYLE_FOLDERS[style]
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    root = resolve_snapshot(colorflow, [f"{sub}/*", "image_encoder/*"], allow_download, "the ColorFlow release")
+    if style != "gray":
+        from .loading_pixart import PIXART_REPO, load_pixart_colorflow
+
+        return load_pixart_colorflow(
+            colorflow, PIXART_REPO if base is None else base, style=style, device=device, dtype=dtype,
+            allow_download=allow_download, prompt_cache=prompt_cache,
+        )
+    base = SD15_REPO if base is None else base
+    root = resolve_snapshot(colorflow, [f"{sub}/*", "image_encoder/*", *PREPROCESSOR_FILES], allow_download, "the ColorFlow release")
     if is_single_file(base):
         base_dir = Path(base).expanduser()
     else:

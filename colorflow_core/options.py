@@ -10,7 +10,7 @@ from .imaging import check_query_size
 
 PROMPT = "manga"
 NEGATIVE_PROMPT = ""
-PREPROCESSORS = ("gray", "none", "screen")
+PREPROCESSORS = ("gray", "none", "screen", "sketch", "sketch_shading")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class ColorizeOptions:
     seed: int = 0
     guidance_scale: float = 7.5
     guider_scale: float = 1.0
-    preprocess: str = "gray"
+    preprocess: str | None = None  # None: the style's upstream method (gray → screen, sketch → sketch, …)
+    screen_deterministic: bool = False  # ScreenStyle without dropout/noise (else seeded by `seed`)
     sample_posterior: bool = True
     batch_stat_norm: bool = True
     top_k: int = 3
@@ -34,7 +35,7 @@ class ColorizeOptions:
             raise InvalidInputError("steps must be at least 1")
         if self.guidance_scale < 1.0:
             raise InvalidInputError("guidance scale must be >= 1.0 (1.0 = no classifier-free guidance)")
-        if self.preprocess not in PREPROCESSORS:
+        if self.preprocess is not None and self.preprocess not in PREPROCESSORS:
             raise InvalidInputError(f"unknown preprocess '{self.preprocess}' (choose {', '.join(PREPROCESSORS)})")
         if not 0 <= self.seed < 2**63:
             raise InvalidInputError("seed must be a non-negative 64-bit integer")

@@ -1,20 +1,34 @@
 """Turn a page into the ICP input and the GSRP guide (both 1.5W×1.5H)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from PIL import Image
 
-from .errors import InvalidInputError
-from .imaging import gray_rgb, process_image
+from .imaging import process_image
+
+if TYPE_CHECKING:
+    from .preprocessors import Preprocessors
 
 
-def prepare_page(page: Image.Image, size: tuple[int, int], method: str = "gray") -> tuple[Image.Image, Image.Image]:
-    """(input_context, guide) at 1.5× the query size. 'gray': upstream without ScreenStyle; 'none': as given."""
+def prepare_page(
+    page: Image.Image,
+    size: tuple[int, int],
+    method: str = "gray",
+    *,
+    preprocessors: "Preprocessors | None" = None,
+    seed: int = 0,
+    deterministic: bool = False,
+) -> tuple[Image.Image, Image.Image]:
+    """(input_context, guide) at 1.5× the query size, as upstream's "Preprocess" button makes them.
+
+    'screen': ScreenStyle blend (GrayImage style; seeded by `seed`, see `preprocessors.ScreenStyle`);
+    'gray': upstream without ScreenStyle; 'none': as given; 'sketch': extracted lines for both;
+    'sketch_shading': shaded lines as context, pure lines as guide. The networks come from
+    `preprocessors` (e.g. `ColorFlowModel.preprocessors`) and load only when the method needs them.
+    """
+    from .preprocessors import preprocess_image
+
     width, height = size
     large = process_image(page, int(1.5 * width), int(1.5 * height))
-    if method == "gray":
-        large = gray_rgb(large)
-    elif method == "screen":
-        raise InvalidInputError("the ScreenStyle preprocessor is not available yet; use --preprocess gray")
-    elif method != "none":
-        raise InvalidInputError(f"unknown preprocess method '{method}'")
-    return large, large
+    return preprocess_image(large, method, preprocessors, seed=seed, deterministic=deterministic)

@@ -13,6 +13,7 @@ from .loading import ColorFlowModel
 from .options import NEGATIVE_PROMPT, PROMPT, ColorizeOptions, make_generators
 from .pipelines.colorflow_sd import ICPResult
 from .preprocess import prepare_page
+from .preprocessors import STYLE_METHODS
 from .retrieval import ReferencePool, Retrieval
 
 #: progress(stage, done, total): stage is "page" or "step".
@@ -44,7 +45,10 @@ def colorize_page(
 ) -> PageResult:
     """Retrieval → canvas → ICP → GSRP for one page."""
     size = options.size or auto_size(page)
-    context, guide = prepare_page(page, size, options.preprocess)
+    context, guide = prepare_page(
+        page, size, options.preprocess or STYLE_METHODS.get(model.style, "screen"),
+        preprocessors=model.preprocessors, seed=options.seed, deterministic=options.screen_deterministic,
+    )
     query = process_image(context, *size)
     retrieval = pool.search(query, size=size, k=options.top_k)
     canvas = build_canvas(query, retrieval.patches(), retrieval.indices.tolist())

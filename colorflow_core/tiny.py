@@ -104,7 +104,10 @@ def lora_state_dict(unet: UNet2DConditionModel, generator: torch.Generator) -> d
 
 
 def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Write `folder/colorflow` (release layout) and `folder/sd15` (diffusers base); return both paths."""
+    """Write `folder/colorflow` (release layout) and `folder/sd15` (diffusers base); return both paths.
+
+    Also writes the PixArt styles (`colorflow/sketch`, `colorflow/shading`) and their base, `folder/pixart`.
+    """
     folder = Path(folder)
     release, base = folder / "colorflow", folder / "sd15"
     for path in (release, base):
@@ -155,4 +158,10 @@ def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
         image_size=224, patch_size=14, projection_dim=16,
     )
     CLIPVisionModelWithProjection(vision).save_pretrained(release / "image_encoder")
+    from .preprocessors.tiny_weights import write_tiny_preprocessors  # LE/erika.pth, ScreenStyle/…
+
+    write_tiny_preprocessors(release, generator)
+    from .tiny_pixart import write_tiny_pixart  # the PixArt styles: colorflow/sketch, colorflow/shading, pixart/
+
+    write_tiny_pixart(release, folder / "pixart", seed=seed)
     return release, base

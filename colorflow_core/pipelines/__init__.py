@@ -1,5 +1,9 @@
 """Pipelines composing the ColorFlow networks."""
+from .colorflow_pixart import ColorFlowPixArtPipeline
 from .colorflow_sd import ColorFlowSDPipeline, ICPResult
 from .guided_sr import GuidedSuperResolver
+from .t5_prompt import PromptEmbeddings, T5PromptEncoder
 
-__all__ = ["ColorFlowSDPipeline", "GuidedSuperResolver", "ICPResult"]
+__all__ = [
+    "ColorFlowPixArtPipeline", "ColorFlowSDPipeline", "GuidedSuperResolver", "ICPResult", "PromptEmbeddings", "T5PromptEncoder",
+]

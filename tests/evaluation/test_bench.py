@@ -1,0 +1,135 @@
+"""The benchmark: memory meter, instrumentation that changes nothing, retrieval bench, cache check, CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from colorflow_core import sequence
+from colorflow_core.cli import main
+from colorflow_core.evaluation import bench as B
+from colorflow_core.options import ColorizeOptions
+from colorflow_core.retrieval import ReferencePool
+from colorflow_core.retrieval import pool as pool_module
+
+MIB = 1 << 20
+
+
+def touch(mib: int) -> np.ndarray:
+    return np.ones(mib * MIB // 8)
+
+
+def test_memory_meter_nested_peaks():
+    meter = B.MemoryMeter(torch.device("cpu"))
+    if not meter.resettable:
+        pytest.skip("this OS has no resettable RSS high-water mark")
+    start = meter.begin()
+    base = meter.current()
+    assert abs(start - base) < 8 * MIB  # right after a reset the peak is the memory in use
+    big = touch(96)
+    del big
+    meter.begin()  # the inner stage must not see the outer stage's 96 MiB peak…
+    small = touch(16)
+    inner = meter.end()
+    del small
+    outer = meter.end()  # …but the outer one must keep it
+    assert inner < base + 64 * MIB
+    assert outer >= base + 90 * MIB
+
+
+def test_recorder_sums_calls_per_run_and_takes_medians():
+    recorder = B.Recorder(torch.device("cpu"), memory=False)
+    double = recorder.wrap("work", lambda x: 2 * x)
+    for _ in range(3):
+        with recorder.run():
+            assert double(2) == 4 and double(3) == 6
+    assert double(1) == 2  # outside a run nothing is recorded
+    summary = recorder.summary()
+    assert list(summary) == ["work"] and len(summary["work"]["runs_s"]) == 3 and summary["work"]["peak_mb"] is None
+
+
+class CountingEncoder:
+    def __init__(self, name="stub"):
+        self.name, self.dim = name, 8
+
+    def encode(self, images):
+        return torch.stack([torch.tensor(np.asarray(im.convert("RGB").resize((2, 2)), np.float32).ravel()[:8]) + 1
+                            for im in images])
+
+
+def _refs(n=3):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (96, 64, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_embedding_cache_check_passes_and_can_fail(tmp_path, monkeypatch):
+    page = Image.new("L", (64, 96), 100)
+    ok = B.embedding_cache_check(CountingEncoder(), _refs(), page, (64, 96), tmp_path / "store")
+    assert ok["first_run_embedded"] == 15 and ok["second_run_embedded"] == 0 and ok["ok"]
+
+    # A store that never hits (neither embeddings nor index) must be reported.
+    monkeypatch.setattr(ReferencePool, "_cached", lambda self, ref, size: False)
+    monkeypatch.setattr(ReferencePool, "_load_index", lambda self, size, signature: None)
+    failed = B.embedding_cache_check(CountingEncoder(), _refs(), page, (64, 96), tmp_path / "other")
+    assert failed["second_run_embedded"] == 15 and not failed["ok"]
+
+
+def test_retrieval_bench_rows():
+    result = B.run_retrieval_bench([50, 400], dim=16, batches=[4, 8], repeats=2, torch_baseline=True)
+    assert [(r["pool"], r["queries_per_search"]) for r in result["rows"]] == [(50, 4), (50, 8), (400, 4), (400, 8)]
+    for row in result["rows"]:
+        assert row["median_ms_per_query"] == pytest.approx(row["median_ms_per_search"] / row["queries_per_search"])
+        assert row["median_ms_per_search"] > 0 and row["torch_topk_median_ms_per_query"] > 0
+    assert result["blas_threshold"] == 1
+    threads = B.run_retrieval_bench([50], dim=8, batches=[4], repeats=1, torch_baseline=False, faiss_threads=[1, 2])
+    assert [r["faiss_threads"] for r in threads["rows"]] == [1, 2]
+
+
+def test_instrumentation_changes_nothing_and_is_removed(tiny_model):
+    refs, page = _refs(2), Image.new("L", (32, 32), 90)
+    options = ColorizeOptions(size=(32, 32), steps=1, seed=3)
+    plain_pool = ReferencePool(tiny_model.encoder)
+    plain_pool.add(refs)
+    plain = sequence.colorize_page(tiny_model, page, plain_pool, options)
+    originals = (sequence.prepare_page, sequence.build_canvas, pool_module.search_index, pool_module.build_index)
+    recorder = B.Recorder(tiny_model.device)
+    pool = ReferencePool(B.TimedEncoder(tiny_model.encoder, recorder))
+    pool.add(refs)
+    with B.instrument(tiny_model, pool, recorder) as (model, progress), recorder.run():
+        timed = sequence.colorize_page(model, page, pool, options, step_progress=progress)
+    assert np.array_equal(np.asarray(timed.final), np.asarray(plain.final))
+    assert (sequence.prepare_page, sequence.build_canvas, pool_module.search_index, pool_module.build_index) == originals
+    pipe = tiny_model.pipeline
+    assert not pipe.unet._forward_hooks and not pipe.unet._forward_pre_hooks and not pipe.guider._forward_pre_hooks
+    assert "encode_prompt" not in pipe.__dict__ and "embeddings" not in pool.__dict__
+    stages = recorder.runs[0]
+    for name in ("preprocess", "embed_references", "index_build", "embed_query", "search", "canvas", "vae_encode",
+                 "step_01", "decode", "icp", "gsrp", "guider_forward", "unet_forward"):
+        assert stages[name][0] > 0, name
+    assert "step_02" not in stages and stages["step_01"][0] + stages["decode"][0] < stages["icp"][0]
+
+
+def test_bench_cli_end_to_end_on_tiny_weights(tiny_release, tmp_path, capsys):
+    release, base = tiny_release
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--colorflow", str(release), "--base", str(base), "--width", "32", "--height", "32",
+                 "--steps", "2", "--guidance", "1.0", "--repeats", "1", "--warmup", "0", "--references", "2",
+                 "--pool-sizes", "200", "--dim", "16", "--query-batches", "4", "--search-repeats", "2", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "step_02" in text and "embedding cache" in text and "retrieval" in text
+    result = json.loads(out.read_text())
+    stages = result["pipeline"]["stages"]
+    for name in ("preprocess", "embed_references", "embed_query", "search", "canvas", "text_encode", "vae_encode",
+                 "step_01", "step_02", "decode", "gsrp", "icp", "page"):
+        assert stages[name]["median_s"] > 0, name
+    assert stages["page"]["peak_mb"] >= stages["gsrp"]["peak_mb"] > 0 and stages["gsrp"]["growth_mb"] >= 0
+    steps = result["pipeline"]["steps"]
+    assert steps["names"] == ["step_01", "step_02"] and steps["bare_forwards"]["samples"] == 2
+    assert -0.5 < steps["overhead_vs_hooked_forwards"] < 5
+    assert result["embedding_cache"]["ok"] and result["embedding_cache"]["second_run_embedded"] == 0
+    assert result["retrieval"]["rows"][0]["pool"] == 200
+    assert result["machine"]["cpu_count"] >= 1
