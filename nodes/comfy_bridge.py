@@ -1,0 +1,127 @@
+"""The only module that imports ComfyUI (`comfy`, `folder_paths`), with plain fallbacks when it is absent.
+
+Without ComfyUI (tests, standalone use) the input/, output/, user/ and models/ folders live under
+`$COLORFLOW_COMFY_BASE`, else the working directory; progress and interrupt checks do nothing.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+try:
+    import comfy.model_management as model_management
+    import comfy.utils as comfy_utils
+    import folder_paths
+except ImportError:  # not running inside ComfyUI
+    model_management = comfy_utils = folder_paths = None
+
+#: ComfyUI model folder name of the ColorFlow weights (`models/colorflow`).
+MODEL_FOLDER = "colorflow"
+#: Environment variable naming the stand-in ComfyUI base folder when ComfyUI is absent.
+BASE_ENV = "COLORFLOW_COMFY_BASE"
+
+Progress = Callable[[int, int], None]
+
+
+def in_comfyui() -> bool:
+    """Whether ComfyUI's modules are importable (the pack runs inside a ComfyUI server)."""
+    return folder_paths is not None
+
+
+def fallback_base() -> Path:
+    """The folder standing in for ComfyUI's base directory when ComfyUI is absent."""
+    return Path(os.environ.get(BASE_ENV) or Path.cwd())
+
+
+def register_model_folder() -> None:
+    """Register `models/colorflow` with ComfyUI's model folders (extra_model_paths.yaml may add more)."""
+    if in_comfyui():
+        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+
+
+def model_folders(kind: str) -> list[Path]:
+    """Folders searched for models of `kind` ('colorflow', 'diffusers', 'checkpoints', ...)."""
+    if in_comfyui():
+        if kind not in folder_paths.folder_names_and_paths:
+            return []
+        return [Path(path) for path in folder_paths.get_folder_paths(kind)]
+    return [fallback_base() / "models" / kind]
+
+
+def model_files(kind: str) -> list[str]:
+    """Files under the `kind` model folders, as paths relative to their folder (ComfyUI's combo values)."""
+    if in_comfyui():
+        return list(folder_paths.get_filename_list(kind))
+    return sorted(
+        (Path(parent) / name).relative_to(folder).as_posix()
+        for folder in model_folders(kind)
+        for parent, _dirs, names in os.walk(folder, followlinks=True)
+        for name in names
+    )
+
+
+def model_file(kind: str, name: str) -> Path | None:
+    """Full path of the model file `name` of `kind`, or None."""
+    if in_comfyui():
+        found = folder_paths.get_full_path(kind, name)
+        return Path(found) if found else None
+    for folder in model_folders(kind):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def input_directory() -> Path:
+    """ComfyUI's input directory."""
+    return Path(folder_paths.get_input_directory()) if in_comfyui() else fallback_base() / "input"
+
+
+def user_directory() -> Path:
+    """ComfyUI's user directory (where persisted reference pools live)."""
+    return Path(folder_paths.get_user_directory()) if in_comfyui() else fallback_base() / "user"
+
+
+def torch_device() -> torch.device:
+    """The compute device ComfyUI chose (`--cpu` gives the CPU); CUDA if present when standalone."""
+    if in_comfyui():
+        return model_management.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def intermediate_device() -> torch.device:
+    """Where IMAGE/MASK outputs live (the CPU unless ComfyUI runs with `--gpu-only`)."""
+    return model_management.intermediate_device() if in_comfyui() else torch.device("cpu")
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """ComfyUI's choice of half precision for `device`; float16 on CUDA and float32 elsewhere when standalone."""
+    if in_comfyui():
+        if model_management.should_use_fp16(device):
+            return torch.float16
+        return torch.bfloat16 if model_management.should_use_bf16(device) else torch.float32
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def progress_bar(total: int) -> Progress:
+    """A `(done, total)` callback driving the running node's progress bar; inside ComfyUI each call is an interrupt point."""
+    if not in_comfyui():
+        return lambda done, total: None
+    bar = comfy_utils.ProgressBar(total)
+    return lambda done, total: bar.update_absolute(done, total)
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user cancelled the queue."""
+    if in_comfyui():
+        model_management.throw_exception_if_processing_interrupted()
+
+
+def soft_empty_cache() -> None:
+    """Return cached accelerator memory after a big stage."""
+    if in_comfyui():
+        model_management.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()

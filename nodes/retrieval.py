@@ -1,0 +1,139 @@
+"""Retrieval nodes: load pages, build a persisted reference pool, stitch the retrieval canvas."""
+from __future__ import annotations
+
+from PIL import Image
+
+from ..colorflow_core.canvas import Canvas, build_canvas
+from ..colorflow_core.errors import InvalidInputError
+from ..colorflow_core.imaging import load_image, process_image, to_rgb
+from ..colorflow_core.preprocess import prepare_page
+from ..colorflow_core.retrieval import ReferencePool, Retrieval
+from . import comfy_bridge, inputs
+from .input_folders import ALLOW_OUTSIDE, FOLDER_TOOLTIP, folder_images, folder_signature
+from .pools import open_pool
+from .preview import retrieval_preview, retrieval_summary
+from .tensors import images_to_pil, pil_to_images, pil_to_masks
+
+#: Retrieved patches per query quadrant (the canvas has room for 3).
+TOP_K = 3
+
+
+class ColorFlowLoadPages:
+    """Load every page of a chapter folder, in file-name order."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": ("STRING", {"default": "chapter", "tooltip": FOLDER_TOOLTIP}),
+            "allow_outside_input": ALLOW_OUTSIDE,
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("pages",)
+    OUTPUT_IS_LIST = (True,)
+    FUNCTION = "load"
+    CATEGORY = "ColorFlow/loaders"
+    DESCRIPTION = "Loads a folder of pages as a list of images (pages may differ in size); sorted by file name."
+
+    @classmethod
+    def IS_CHANGED(cls, folder: str, allow_outside_input: bool):
+        """Re-run when the folder's images change."""
+        return folder_signature(folder, allow_outside_input)
+
+    def load(self, folder: str, allow_outside_input: bool):
+        """Return the pages, one IMAGE per file."""
+        return ([pil_to_images([to_rgb(load_image(path))]) for path in folder_images(folder, allow_outside_input)],)
+
+
+class ColorFlowReferencePool:
+    """A named, persisted, incremental pool of coloured reference images."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "encoder": ("COLORFLOW_ENCODER", {"tooltip": "Retrieval encoder (model loader's encoder output, or a CLIP_VISION adapter)."}),
+                "pool_name": ("STRING", {
+                    "default": "chapter",
+                    "tooltip": "Pool kept under ComfyUI's user/colorflow/pools/<name>; references are only ever added, use a new name to start over.",
+                }),
+                "folder": ("STRING", {"default": "", "tooltip": FOLDER_TOOLTIP + " Empty: no folder."}),
+                "allow_outside_input": ALLOW_OUTSIDE,
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Reference images to add (a batch)."}),
+            },
+        }
+
+    RETURN_TYPES = ("COLORFLOW_POOL", "STRING")
+    RETURN_NAMES = ("pool", "summary")
+    FUNCTION = "build"
+    CATEGORY = "ColorFlow/retrieval"
+    DESCRIPTION = "Adds reference images (a batch and/or a folder) to a persisted pool; only new images are embedded, on first search."
+
+    @classmethod
+    def IS_CHANGED(cls, folder: str = "", allow_outside_input: bool = False, **_):
+        """Re-run when the folder's images change."""
+        return folder_signature(folder, allow_outside_input)
+
+    def build(self, encoder, pool_name: str, folder: str, allow_outside_input: bool, images=None):
+        """Open the pool, add the references, return it with a summary."""
+        items: list = images_to_pil(images) if images is not None else []
+        if folder.strip():
+            items += folder_images(folder, allow_outside_input)
+        pool = open_pool(pool_name, encoder)
+        added = pool.add(items, progress=comfy_bridge.progress_bar(len(items)))
+        if len(pool) == 0:
+            raise InvalidInputError(f"reference pool '{pool_name}' is empty: connect reference images or name a folder of them")
+        summary = f"pool '{pool_name}': {len(pool)} reference(s), {added} new\nencoder: {encoder.name} ({encoder.dim}-d)"
+        return {"ui": {"colorflow_info": [summary]}, "result": (pool, summary)}
+
+
+def stitch_page(page: Image.Image, pool: ReferencePool, size: tuple[int, int], preprocess: str) -> tuple[Canvas, Retrieval]:
+    """The steps of colorflow_core.sequence.colorize_page before sampling: prepare, retrieve, stitch."""
+    context, _guide = prepare_page(page, size, preprocess)
+    query = process_image(context, *size)
+    retrieval = pool.search(query, size=size, k=TOP_K, progress=comfy_bridge.progress_bar(len(pool)))
+    return build_canvas(query, retrieval.patches(), retrieval.indices.tolist()), retrieval
+
+
+class ColorFlowStitchCanvas:
+    """Retrieve reference patches for a gray page and stitch ColorFlow's 2W×2H canvas."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "page": ("IMAGE", {"tooltip": "Gray page(s); each page of the batch gets its own canvas."}),
+            "pool": inputs.POOL,
+            "size": inputs.SIZE,
+            "width": inputs.WIDTH,
+            "height": inputs.HEIGHT,
+            "preprocess": inputs.PREPROCESS,
+        }}
+
+    RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
+    RETURN_NAMES = ("canvas", "mask", "retrieval")
+    FUNCTION = "stitch"
+    CATEGORY = "ColorFlow/retrieval"
+    DESCRIPTION = (
+        "Retrieval (RAP): the page in the centre of a 2W×2H canvas with the 12 best reference patches around it, "
+        "its mask, and a labelled grid of the patches."
+    )
+
+    def stitch(self, page, pool: ReferencePool, size: str, width: int, height: int, preprocess: str):
+        """Return (canvases, masks, retrieval previews)."""
+        pages = images_to_pil(page)
+        target = inputs.query_size(size, width, height, pages[0])
+        canvases, retrievals = [], []
+        for picture in pages:
+            comfy_bridge.check_interrupt()
+            canvas, retrieval = stitch_page(picture, pool, target, preprocess)
+            canvases.append(canvas)
+            retrievals.append(retrieval)
+        summary = "\n\n".join(retrieval_summary(r) for r in retrievals)
+        result = (
+            pil_to_images([c.image for c in canvases]),
+            pil_to_masks([c.mask for c in canvases]),
+            pil_to_images([retrieval_preview(r) for r in retrievals]),
+        )
+        return {"ui": {"colorflow_info": [summary]}, "result": result}

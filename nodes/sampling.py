@@ -1,0 +1,165 @@
+"""Colouring nodes: the in-context sampler, the guided upscaler and the one-node chapter colorizer."""
+from __future__ import annotations
+
+from ..colorflow_core.errors import InvalidInputError
+from ..colorflow_core.options import ColorizeOptions, gsrp_generator, make_generators
+from ..colorflow_core.preprocess import prepare_page
+from ..colorflow_core.sequence import colorize_pages
+from . import comfy_bridge, inputs
+from .comfy_bridge import Progress
+from .pools import scratch_copy
+from .tensors import images_to_pil, masks_to_pil, pair_batches, pil_to_images
+
+
+def _offset(progress: Progress, offset: int, total: int) -> Progress:
+    """Report one page's steps as part of the whole batch's progress."""
+    return lambda done, _total: progress(offset + done, total)
+
+
+def _denoising_steps(progress: Progress):
+    """A colorize_pages `(stage, done, total)` callback forwarding its denoising steps to `progress`."""
+    return lambda stage, done, total: progress(done, total) if stage == "step" else None
+
+
+class ColorFlowSampler:
+    """In-context colorization (ICP): the LoRA UNet and ColorGuider denoise the stitched canvas."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": inputs.MODEL,
+            "canvas": ("IMAGE", {"tooltip": "Stitched 2W×2H canvas(es) from ColorFlow Stitch Canvas."}),
+            "mask": ("MASK", {"tooltip": "The canvas mask (1 = page area), same size as the canvas."}),
+            "seed": inputs.SEED,
+            "steps": inputs.STEPS,
+            "guidance": inputs.GUIDANCE,
+            "guider_scale": inputs.GUIDER_SCALE,
+        }}
+
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("canvas", "page")
+    FUNCTION = "sample"
+    CATEGORY = "ColorFlow/sampling"
+    DESCRIPTION = "Colours the page in the centre of the canvas from the reference patches around it; returns the whole canvas and the W×H page."
+
+    def sample(self, model, canvas, mask, seed: int, steps: int, guidance: float, guider_scale: float):
+        """Return (colourised canvases, their centre pages)."""
+        pairs = pair_batches(images_to_pil(canvas), masks_to_pil(mask), "canvas and mask")
+        total = len(pairs) * steps
+        progress = comfy_bridge.progress_bar(total)
+        results = []
+        for index, (picture, area) in enumerate(pairs):
+            comfy_bridge.check_interrupt()
+            latents, posterior = make_generators(inputs.page_seed(seed, index), model.device)
+            results.append(model.pipeline(
+                picture, area, num_inference_steps=steps, guidance_scale=guidance, guider_scale=guider_scale,
+                generator=latents, posterior_generator=posterior, progress=_offset(progress, index * steps, total),
+            ))
+        comfy_bridge.soft_empty_cache()
+        return (pil_to_images([r.canvas for r in results]), pil_to_images([r.query for r in results]))
+
+
+class ColorFlowGuidedUpscale:
+    """Guided super-resolution (GSRP): the colour page at 1.5× with the gray page's line detail."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": inputs.MODEL,
+            "page": ("IMAGE", {"tooltip": "Low-resolution colour page(s), e.g. the sampler's 'page' output (W×H)."}),
+            "gray": ("IMAGE", {"tooltip": "The original gray page(s), any size; prepared to 1.5W×1.5H like the canvas page."}),
+            "seed": inputs.SEED,
+            "sampler_guidance": ("FLOAT", {
+                **inputs.GUIDANCE[1],
+                "tooltip": (
+                    "The sampler's guidance; with the sampler's seed it continues the same random stream, "
+                    "so the result equals the one-node chapter colorizer's."
+                ),
+            }),
+            "preprocess": inputs.PREPROCESS,
+            "sample_posterior": ("BOOLEAN", {"default": True, "tooltip": "Sample the VAE posterior (upstream); off: use its mean."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "upscale"
+    CATEGORY = "ColorFlow/upscaling"
+    DESCRIPTION = "Decodes the colour page at 1.5× its size through the guided VAE, restoring line detail from the gray page."
+
+    def upscale(self, model, page, gray, seed: int, sampler_guidance: float, preprocess: str, sample_posterior: bool):
+        """Return the upscaled colour pages."""
+        pairs = pair_batches(images_to_pil(page), images_to_pil(gray), "colour and gray pages")
+        progress = comfy_bridge.progress_bar(len(pairs))
+        finals = []
+        for index, (colour, line_art) in enumerate(pairs):
+            comfy_bridge.check_interrupt()
+            _context, guide = prepare_page(line_art, colour.size, preprocess)
+            canvas_size = (2 * colour.width, 2 * colour.height)
+            generator = gsrp_generator(inputs.page_seed(seed, index), model.device, canvas_size, cfg=sampler_guidance > 1.0)
+            finals.append(model.upscaler(colour, guide, generator=generator, sample_posterior=sample_posterior))
+            progress(index + 1, len(pairs))
+        comfy_bridge.soft_empty_cache()
+        return (pil_to_images(finals),)
+
+
+class ColorFlowColorizeSequence:
+    """The whole chapter in one node: retrieval, canvas, sampling and guided upscaling, page after page."""
+
+    INPUT_IS_LIST = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": inputs.MODEL,
+            "pool": inputs.POOL,
+            "pages": ("IMAGE", {"tooltip": "Gray pages, in reading order: a batch, or a list (ColorFlow Load Pages) of pages of any size."}),
+            "seed": inputs.SEED,
+            "steps": inputs.STEPS,
+            "guidance": inputs.GUIDANCE,
+            "guider_scale": inputs.GUIDER_SCALE,
+            "size": inputs.SIZE,
+            "width": inputs.WIDTH,
+            "height": inputs.HEIGHT,
+            "preprocess": inputs.PREPROCESS,
+            "feed_back": ("BOOLEAN", {
+                "default": False,
+                "tooltip": "Each finished page joins the pool for the pages after it (page-to-page colour memory); the saved pool is not changed.",
+            }),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    FUNCTION = "colorize"
+    CATEGORY = "ColorFlow"
+    DESCRIPTION = "Colourises a chapter against a reference pool (page i uses seed + i); returns the pages at 1.5× the canvas page size."
+
+    def colorize(self, model, pool, pages, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back):
+        """Return the colourised pages as one batch; every argument arrives as a list (INPUT_IS_LIST)."""
+        model, pool, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back = (
+            values[0] for values in (model, pool, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back)
+        )
+        pictures = [picture for batch in pages for picture in images_to_pil(batch)]
+        if not pictures:
+            raise InvalidInputError("no pages to colorize")
+        sizes = [inputs.query_size(size, width, height, picture) for picture in pictures]
+        if len(set(sizes)) > 1:
+            shown = ", ".join(sorted({f"{w}x{h}" for w, h in sizes}))
+            raise InvalidInputError(f"size 'auto' gives these pages different sizes ({shown}); choose one size to colour them as one batch")
+        work_pool = scratch_copy(pool) if feed_back else pool
+        total = len(pictures) * steps
+        progress = comfy_bridge.progress_bar(total)
+        finals = []
+        for index, picture in enumerate(pictures):
+            comfy_bridge.check_interrupt()
+            options = ColorizeOptions(
+                size=sizes[index], steps=steps, seed=inputs.page_seed(seed, index),
+                guidance_scale=guidance, guider_scale=guider_scale, preprocess=preprocess,
+            )
+            # One page per call: the core's page loop gives every page the same seed.
+            results = colorize_pages(
+                model, [picture], work_pool, options, feed_back=feed_back,
+                progress=_denoising_steps(_offset(progress, index * steps, total)),
+            )
+            finals += [result.final for result in results]
+        comfy_bridge.soft_empty_cache()
+        return (pil_to_images(finals),)

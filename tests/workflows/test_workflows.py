@@ -1,0 +1,168 @@
+"""Every shipped workflow is checked against the node definitions and run end to end on tiny weights."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tomllib
+
+import pytest
+from PIL import Image
+
+from ..nodes.clip_stub import StubClipVision
+from ..nodes.conftest import BASE, SIZE
+from ..pack import ROOT
+from .core_nodes import CORE_DEFINITIONS, SNAPSHOT, core_nodes
+from .executor import (
+    FRONTEND_ONLY,
+    WorkflowError,
+    check_workflow,
+    execute,
+    to_prompt,
+    validate_prompt,
+)
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+CORE_VERSION = SNAPSHOT["comfyui_version"]
+#: Combos that list files on the user's machine: checked when the tiny prompt is validated, not in the shipped file.
+FILE_COMBOS = {
+    ("LoadImage", "image"), ("CLIPVisionLoader", "clip_name"),
+    ("ColorFlowModelLoader", "snapshot"), ("ColorFlowModelLoader", "base"), ("ColorFlowEncoderLoader", "encoder"),
+}
+W, H = SIZE
+#: Widget values changed to run on tiny weights in seconds.
+TINY = {
+    "ColorFlowModelLoader": {"base": BASE, "dtype": "float32", "device": "cpu"},
+    "ColorFlowStitchCanvas": {"size": "custom", "width": W, "height": H},
+    "ColorFlowColorizeSequence": {"size": "custom", "width": W, "height": H, "steps": 1},
+    "ColorFlowSampler": {"steps": 1},
+    "ImageScale": {"width": 2 * W, "height": 2 * H},
+}
+FINAL = (int(1.5 * H), int(1.5 * W), 3)
+CANVAS = (1, 2 * H, 2 * W, 3)
+#: The retrieval preview: 4 quadrant rows × 3 ranks of 192-px cells, each with a 14-px label.
+GRID = (1, 4 * (round(192 * H / W) + 14), 3 * 192, 3)
+#: What each workflow saves / previews on tiny weights: node class → shapes of the images it received, in order.
+EXPECTED = {
+    "colorflow_one_page_staged": {"SaveImage": [(1, *FINAL)], "PreviewImage": sorted([CANVAS, CANVAS, CANVAS, GRID])},
+    "colorflow_chapter": {"SaveImage": [(2, *FINAL)]},
+    "colorflow_with_core_nodes": {"SaveImage": [(2, *FINAL)]},
+}
+
+
+@pytest.fixture
+def saved() -> list:
+    return []
+
+
+@pytest.fixture
+def classes(pack, comfy_base, tiny_release, saved):
+    """Our nodes plus stand-ins for the core ones (their real ComfyUI definitions)."""
+    clip_vision = lambda _name: StubClipVision.from_folder(tiny_release[0] / "image_encoder")  # noqa: E731
+    return {**pack.NODE_CLASS_MAPPINGS, **core_nodes(comfy_base / "input", clip_vision, saved)}
+
+
+def load(path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_workflows_are_shipped_with_thumbnails():
+    assert {path.stem for path in WORKFLOWS} == set(EXPECTED)
+    for path in WORKFLOWS:
+        with Image.open(path.with_suffix(".jpg")) as thumbnail:
+            assert thumbnail.format == "JPEG" and min(thumbnail.size) >= 200
+    assert not (ROOT / "example_workflows").exists(), "workflows/ is the one folder (both would break template serving)"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_matches_the_node_definitions(path, classes):
+    workflow = load(path)
+    check_workflow(workflow, classes, FILE_COMBOS)
+    types = {node["type"] for node in workflow["nodes"]}
+    assert types - set(classes) <= FRONTEND_ONLY
+    assert all(t in CORE_DEFINITIONS or t.startswith("ColorFlow") for t in types - FRONTEND_ONLY), "core nodes must be real ComfyUI ones"
+    assert workflow["last_node_id"] >= max(node["id"] for node in workflow["nodes"])
+    assert workflow["last_link_id"] >= max(link[0] for link in workflow["links"])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_metadata(path):
+    workflow = load(path)
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        properties = node["properties"]
+        ours = node["type"].startswith("ColorFlow")
+        assert properties["cnr_id"] == (PROJECT["name"] if ours else "comfy-core")
+        assert properties["ver"] == (PROJECT["version"] if ours else CORE_VERSION)
+        if node["type"] in ("ColorFlowModelLoader", "CLIPVisionLoader"):
+            assert properties["models"] and all(
+                set(model) == {"name", "url", "directory"} and model["url"].startswith("https://huggingface.co/")
+                for model in properties["models"]
+            )
+    strings = [value for node in workflow["nodes"] for value in node.get("widgets_values", []) if isinstance(value, str)]
+    assert not [s for s in strings if re.match(r"^(/|~|[A-Za-z]:[\\/])", s)], "no absolute paths"
+
+
+def tiny_prompt(workflow: dict, classes: dict) -> dict:
+    prompt = to_prompt(workflow, classes)
+    for entry in prompt.values():
+        entry["inputs"].update(TINY.get(entry["class_type"], {}))
+    validate_prompt(prompt, classes)
+    return prompt
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_on_tiny_weights(path, classes, saved, user_dir):
+    execute(tiny_prompt(load(path), classes), classes)
+    received: dict[str, list] = {}
+    for node_class, images in saved:
+        received.setdefault(node_class, []).append(tuple(images.shape))
+    expected = EXPECTED[path.stem]
+    assert received["SaveImage"] == expected["SaveImage"]
+    assert sorted(received.get("PreviewImage", [])) == expected.get("PreviewImage", [])
+
+
+def test_staged_and_chapter_workflows_agree(classes, saved, user_dir):
+    """The staged graph and the one-node chapter path give the same page for the same seed and settings."""
+    staged = tiny_prompt(load(ROOT / "workflows" / "colorflow_one_page_staged.json"), classes)
+    execute(staged, classes)
+    chapter = copy.deepcopy(tiny_prompt(load(ROOT / "workflows" / "colorflow_chapter.json"), classes))
+    sequence = next(entry for entry in chapter.values() if entry["class_type"] == "ColorFlowColorizeSequence")
+    sequence["inputs"].update(steps=1, feed_back=False)
+    pages = next(key for key, entry in chapter.items() if entry["class_type"] == "ColorFlowLoadPages")
+    page_loader = next(key for key, entry in staged.items() if entry["class_type"] == "LoadImage")
+    chapter[pages] = {"class_type": "LoadImage", "inputs": {"image": staged[page_loader]["inputs"]["image"]}}
+    pool = next(entry for entry in chapter.values() if entry["class_type"] == "ColorFlowReferencePool")
+    pool["inputs"]["pool_name"] = "example"
+    execute(chapter, classes)
+    (_, from_stages), (_, from_chapter) = [item for item in saved if item[0] == "SaveImage"]
+    assert from_stages.shape == from_chapter.shape and (from_stages == from_chapter).all()
+
+
+def break_workflow(change: str) -> dict:
+    workflow = load(ROOT / "workflows" / "colorflow_one_page_staged.json")
+    nodes = {node["type"]: node for node in workflow["nodes"]}
+    if change == "link type":
+        workflow["links"][0][5] = "IMAGE"
+    elif change == "range":
+        nodes["ColorFlowSampler"]["widgets_values"][2] = 0
+    elif change == "combo":
+        nodes["ColorFlowStitchCanvas"]["widgets_values"][3] = "screen"
+    elif change == "widget count":
+        nodes["ColorFlowSampler"]["widgets_values"].pop(1)
+    elif change == "unknown node":
+        nodes["ColorFlowSampler"]["type"] = "ColorFlowSamplerV2"
+    elif change == "missing input":
+        nodes["ColorFlowSampler"]["inputs"][2]["link"] = None
+    return workflow
+
+
+@pytest.mark.parametrize("change, message", [
+    ("link type", "link 1"), ("range", "below the minimum"), ("combo", "'screen' is not one of"),
+    ("widget count", "widget values"), ("unknown node", "unknown node type"), ("missing input", "not connected"),
+])
+def test_checker_rejects_broken_workflows(classes, change, message):
+    with pytest.raises(WorkflowError, match=message):
+        check_workflow(break_workflow(change), classes, FILE_COMBOS)
