@@ -7,7 +7,7 @@ from ..colorflow_core.imaging import PRESET_SIZES, auto_size, check_query_size
 from ..colorflow_core.options import ColorizeOptions
 
 _DEFAULTS = ColorizeOptions()
-#: Seeds stay below 2**63 (the core's range); page i of a batch uses (seed + i) mod 2**63.
+#: Seeds stay below 2**63 (the core's range); every page of a batch uses the same seed, so any page can be redone alone.
 SEED_LIMIT = 2**63
 SIZE_CHOICES = ["auto", *(f"{w}x{h}" for w, h in PRESET_SIZES), "custom"]
 #: Page preparations available now ("screen" arrives with the ScreenStyle preprocessor).
@@ -17,7 +17,7 @@ MODEL = ("COLORFLOW_MODEL", {"tooltip": "A ColorFlow model from the ColorFlow Mo
 POOL = ("COLORFLOW_POOL", {"tooltip": "Coloured references to retrieve patches from (ColorFlow Reference Pool)."})
 SEED = ("INT", {
     "default": _DEFAULTS.seed, "min": 0, "max": SEED_LIMIT - 1, "control_after_generate": True,
-    "tooltip": "Random seed, same meaning as upstream ColorFlow's; page i of a batch uses seed + i.",
+    "tooltip": "Random seed, same meaning as upstream ColorFlow's; every page uses it, so a page redone alone comes out the same.",
 })
 STEPS = ("INT", {"default": _DEFAULTS.steps, "min": 1, "max": 200, "tooltip": "Denoising steps (upstream default 10)."})
 GUIDANCE = ("FLOAT", {
@@ -38,11 +38,6 @@ PREPROCESS = (PREPROCESS_CHOICES, {
     "default": "gray",
     "tooltip": "'gray': the page is made gray first (upstream without ScreenStyle); 'none': used as given.",
 })
-
-
-def page_seed(seed: int, index: int) -> int:
-    """The seed of page `index` in a batch."""
-    return (seed + index) % SEED_LIMIT
 
 
 def query_size(choice: str, width: int, height: int, page: Image.Image) -> tuple[int, int]:

@@ -1,13 +1,11 @@
 """Named reference pools persisted under ComfyUI's user directory."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from ..colorflow_core.errors import IncompatibleWeightsError, InvalidInputError
 from ..colorflow_core.retrieval import ImageEncoder, ReferencePool
-from ..colorflow_core.retrieval.pool import POOL_FILE
 from . import comfy_bridge
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
@@ -27,14 +25,10 @@ def pool_store(name: str) -> Path:
 
 def check_store_encoder(store: Path, encoder: ImageEncoder) -> None:
     """Refuse an encoder whose embedding width differs from the one a persisted pool was built with."""
-    manifest = store / POOL_FILE
-    if not manifest.is_file():
+    stored = ReferencePool.stored_encoder(store)
+    if stored is None:
         return
-    try:
-        stored = json.loads(manifest.read_text(encoding="utf-8"))
-        name, dim = stored["encoder"], int(stored["dim"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # unreadable: opening the pool reports it
+    name, dim = stored
     if dim != encoder.dim:
         raise IncompatibleWeightsError(
             f"pool '{store.name}' was embedded by '{name}' ({dim}-d vectors) but this encoder gives {encoder.dim}-d vectors; "
@@ -47,10 +41,3 @@ def open_pool(name: str, encoder: ImageEncoder) -> ReferencePool:
     store = pool_store(name)
     check_store_encoder(store, encoder)
     return ReferencePool.open(store, encoder)
-
-
-def scratch_copy(pool: ReferencePool) -> ReferencePool:
-    """An in-memory pool with the same references, so feed-back never changes the persisted (and cached) pool."""
-    scratch = ReferencePool(pool.encoder)
-    scratch.add([pool.store / "refs" / f"{digest}.png" for digest in pool.hashes])
-    return scratch

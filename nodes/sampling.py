@@ -7,18 +7,12 @@ from ..colorflow_core.preprocess import prepare_page
 from ..colorflow_core.sequence import colorize_pages
 from . import comfy_bridge, inputs
 from .comfy_bridge import Progress
-from .pools import scratch_copy
 from .tensors import images_to_pil, masks_to_pil, pair_batches, pil_to_images
 
 
 def _offset(progress: Progress, offset: int, total: int) -> Progress:
     """Report one page's steps as part of the whole batch's progress."""
     return lambda done, _total: progress(offset + done, total)
-
-
-def _denoising_steps(progress: Progress):
-    """A colorize_pages `(stage, done, total)` callback forwarding its denoising steps to `progress`."""
-    return lambda stage, done, total: progress(done, total) if stage == "step" else None
 
 
 class ColorFlowSampler:
@@ -50,7 +44,7 @@ class ColorFlowSampler:
         results = []
         for index, (picture, area) in enumerate(pairs):
             comfy_bridge.check_interrupt()
-            latents, posterior = make_generators(inputs.page_seed(seed, index), model.device)
+            latents, posterior = make_generators(seed, model.device)
             results.append(model.pipeline(
                 picture, area, num_inference_steps=steps, guidance_scale=guidance, guider_scale=guider_scale,
                 generator=latents, posterior_generator=posterior, progress=_offset(progress, index * steps, total),
@@ -95,7 +89,7 @@ class ColorFlowGuidedUpscale:
             comfy_bridge.check_interrupt()
             _context, guide = prepare_page(line_art, colour.size, preprocess)
             canvas_size = (2 * colour.width, 2 * colour.height)
-            generator = gsrp_generator(inputs.page_seed(seed, index), model.device, canvas_size, cfg=sampler_guidance > 1.0)
+            generator = gsrp_generator(seed, model.device, canvas_size, cfg=sampler_guidance > 1.0)
             finals.append(model.upscaler(colour, guide, generator=generator, sample_posterior=sample_posterior))
             progress(index + 1, len(pairs))
         comfy_bridge.soft_empty_cache()
@@ -131,7 +125,7 @@ class ColorFlowColorizeSequence:
     RETURN_NAMES = ("images",)
     FUNCTION = "colorize"
     CATEGORY = "ColorFlow"
-    DESCRIPTION = "Colourises a chapter against a reference pool (page i uses seed + i); returns the pages at 1.5× the canvas page size."
+    DESCRIPTION = "Colourises a chapter against a reference pool, page after page with one seed; returns the pages at 1.5× the canvas page size."
 
     def colorize(self, model, pool, pages, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back):
         """Return the colourised pages as one batch; every argument arrives as a list (INPUT_IS_LIST)."""
@@ -145,21 +139,21 @@ class ColorFlowColorizeSequence:
         if len(set(sizes)) > 1:
             shown = ", ".join(sorted({f"{w}x{h}" for w, h in sizes}))
             raise InvalidInputError(f"size 'auto' gives these pages different sizes ({shown}); choose one size to colour them as one batch")
-        work_pool = scratch_copy(pool) if feed_back else pool
+        options = ColorizeOptions(
+            size=sizes[0], steps=steps, seed=seed, guidance_scale=guidance, guider_scale=guider_scale, preprocess=preprocess,
+        )
         total = len(pictures) * steps
         progress = comfy_bridge.progress_bar(total)
-        finals = []
-        for index, picture in enumerate(pictures):
+        pages_done = [0]
+
+        def report(stage: str, done: int, _total: int) -> None:
             comfy_bridge.check_interrupt()
-            options = ColorizeOptions(
-                size=sizes[index], steps=steps, seed=inputs.page_seed(seed, index),
-                guidance_scale=guidance, guider_scale=guider_scale, preprocess=preprocess,
-            )
-            # One page per call: the core's page loop gives every page the same seed.
-            results = colorize_pages(
-                model, [picture], work_pool, options, feed_back=feed_back,
-                progress=_denoising_steps(_offset(progress, index * steps, total)),
-            )
-            finals += [result.final for result in results]
+            if stage == "page":
+                pages_done[0] = done
+            else:
+                progress(pages_done[0] * steps + done, total)
+
+        work_pool = pool.fork() if feed_back else pool
+        finals = [r.final for r in colorize_pages(model, pictures, work_pool, options, feed_back=feed_back, progress=report)]
         comfy_bridge.soft_empty_cache()
         return (pil_to_images(finals),)

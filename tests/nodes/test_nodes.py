@@ -242,14 +242,16 @@ def test_page_sizes(pack):
 
 
 # ------------------------------------------------------------------------------------------------ sampler and upscaler
-def test_sampler_outputs_and_per_page_seeds(pack, loaded, pool, pages):
+def test_sampler_outputs_and_one_seed_for_every_page(pack, loaded, pool, pages):
     canvas, mask, _ = stitch(pack, pool, pages[:1])
     twice = canvas.repeat(2, 1, 1, 1)
     full, page = run(pack, "ColorFlowSampler", loaded[0], twice, mask, 3, STEPS, 7.5, 1.0)
     assert full.shape == (2, 2 * H, 2 * W, 3) and page.shape == (2, H, W, 3)
-    assert not torch.equal(page[0], page[1]), "page 1 must use seed + 1"
-    _, again = run(pack, "ColorFlowSampler", loaded[0], canvas, mask, 4, STEPS, 7.5, 1.0)
-    assert torch.equal(again[0], page[1])
+    assert torch.equal(page[0], page[1]), "every page of a batch uses the same seed"
+    _, alone = run(pack, "ColorFlowSampler", loaded[0], canvas, mask, 3, STEPS, 7.5, 1.0)
+    assert torch.equal(alone[0], page[1])
+    _, other = run(pack, "ColorFlowSampler", loaded[0], canvas, mask, 4, STEPS, 7.5, 1.0)
+    assert not torch.equal(other[0], page[0])
     assert canvas.shape == (1, 2 * H, 2 * W, 3), "input left untouched"
 
 
