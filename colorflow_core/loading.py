@@ -159,6 +159,7 @@ def load_colorflow(
     allow_download: bool = False,
     base_config: str | Path | None = None,
     prompt_cache: str | Path | None = None,
+    download_dir: str | Path | None = None,
 ) -> ColorFlowModel:
     """Load one ColorFlow style from a release snapshot (folder or repo id) and its base model.
 
@@ -167,6 +168,8 @@ def load_colorflow(
     (default: the shipped SD1.5 configs; tests pass the tiny base folder).
     Styles "sketch"/"sketch_shading" take a PixArt-XL-2-1024-MS diffusers folder or repo id as `base` (default
     that repo); `prompt_cache` is where their T5 prompt embeddings are cached (default: beside the base model).
+    Repo ids are looked up in (and, with `allow_download`, downloaded into) `download_dir/<repo name>` when given,
+    else the Hugging Face cache.
     """
     if style not in STYLE_FOLDERS:
         raise InvalidInputError(f"style '{style}' is not available (choose {', '.join(STYLE_FOLDERS)})")
@@ -177,14 +180,14 @@ def load_colorflow(
 
         return load_pixart_colorflow(
             colorflow, PIXART_REPO if base is None else base, style=style, device=device, dtype=dtype,
-            allow_download=allow_download, prompt_cache=prompt_cache,
+            allow_download=allow_download, prompt_cache=prompt_cache, download_dir=download_dir,
         )
     base = SD15_REPO if base is None else base
-    root = resolve_snapshot(colorflow, [f"{sub}/*", "image_encoder/*", *PREPROCESSOR_FILES], allow_download, "the ColorFlow release")
+    root = resolve_snapshot(colorflow, [f"{sub}/*", "image_encoder/*", *PREPROCESSOR_FILES], allow_download, "the ColorFlow release", download_dir)
     if is_single_file(base):
         base_dir = Path(base).expanduser()
     else:
-        base_dir = resolve_snapshot(base, _SD15_PATTERNS, allow_download, "the SD1.5 base model")
+        base_dir = resolve_snapshot(base, _SD15_PATTERNS, allow_download, "the SD1.5 base model", download_dir)
     components = load_base_components(base_dir, Path(base_config) if base_config is not None else None)
     unet = load_unet_with_lora(components.pop("unet", base_dir), root / sub, root)
     guider = load_guider(root / sub, root)

@@ -90,12 +90,13 @@ def load_pixart_colorflow(
     dtype: torch.dtype,
     allow_download: bool = False,
     prompt_cache: str | Path | None = None,
+    download_dir: str | Path | None = None,
 ) -> ColorFlowModel:
     """The ColorFlow model of a PixArt style; T5 is not loaded here (see `T5PromptEncoder`)."""
     sub = PIXART_STYLE_FOLDERS[style]
     patterns = [f"{sub}/*", "image_encoder/*", *PREPROCESSOR_FILES]
-    root = resolve_snapshot(colorflow, patterns, allow_download, "the ColorFlow release")
-    base_dir = resolve_snapshot(base, _PIXART_PATTERNS, allow_download, "the PixArt-α base model")
+    root = resolve_snapshot(colorflow, patterns, allow_download, "the ColorFlow release", download_dir)
+    base_dir = resolve_snapshot(base, _PIXART_PATTERNS, allow_download, "the PixArt-α base model", download_dir)
     require_file(base_dir / "vae" / "config.json", base_dir, PIXART_REPO)
     guider = load_pixart_guider(root / sub, root)
     transformer = load_pixart_transformer(base_dir, root / sub, root)

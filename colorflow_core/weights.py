@@ -53,8 +53,11 @@ def looks_like_repo_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not Path(text).exists() and not text.startswith((".", "~"))
 
 
-def resolve_snapshot(location: str | Path, allow_patterns: list[str], allow_download: bool, what: str) -> Path:
-    """A local folder as-is; a repo id from the local Hugging Face cache, or downloaded (with progress) if allowed."""
+def resolve_snapshot(
+    location: str | Path, allow_patterns: list[str], allow_download: bool, what: str, download_dir: str | Path | None = None
+) -> Path:
+    """A local folder as-is. A repo id: `download_dir/<repo name>` if present (e.g. ComfyUI's models/colorflow), else the
+    Hugging Face cache; missing files are downloaded (with progress) only if allowed, into `download_dir` when given."""
     path = Path(location).expanduser()
     if path.exists() or not looks_like_repo_id(str(location)):
         if not path.is_dir():
@@ -62,16 +65,22 @@ def resolve_snapshot(location: str | Path, allow_patterns: list[str], allow_down
         return path
     from huggingface_hub import snapshot_download  # imported here: nothing touches the hub at import time
 
+    target = Path(download_dir).expanduser() / str(location).split("/")[1] if download_dir is not None else None
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if target is not None and target.is_dir() and (not allow_download or offline):
+        return target
+    if target is None:
+        try:
+            return Path(snapshot_download(repo_id=str(location), allow_patterns=allow_patterns, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any cache miss means "not here yet"
+            pass
+    if not allow_download or offline:
+        why = "downloads are off" if not allow_download else "HF_HUB_OFFLINE is set"
+        where = target if target is not None else "a local folder"
+        raise MissingWeightsError(
+            str(location), where, f"{what} is not on this machine and {why}; download {location} and pass its folder"
+        )
     try:
-        return Path(snapshot_download(repo_id=str(location), allow_patterns=allow_patterns, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - any cache miss means "not here yet"
-        if not allow_download or offline:
-            why = "downloads are off" if not allow_download else "HF_HUB_OFFLINE is set"
-            raise MissingWeightsError(
-                str(location), "a local folder", f"{what} is not in the local cache and {why}; download {location} and pass its folder"
-            ) from exc
-    try:
-        return Path(snapshot_download(repo_id=str(location), allow_patterns=allow_patterns))
+        return Path(snapshot_download(repo_id=str(location), allow_patterns=allow_patterns, local_dir=target))
     except Exception as exc:  # noqa: BLE001 - network errors come in many types
-        raise MissingWeightsError(str(location), "a local folder", f"download of {what} failed: {exc}") from exc
+        raise MissingWeightsError(str(location), target or "a local folder", f"download of {what} failed: {exc}") from exc

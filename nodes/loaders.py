@@ -50,7 +50,7 @@ class ColorFlowModelLoader:
             "device": DEVICE,
             "auto_download": ("BOOLEAN", {
                 "default": False,
-                "tooltip": "Download missing weights from Hugging Face (into its cache); off: a missing file is an error naming it.",
+                "tooltip": "Download missing weights from Hugging Face into models/colorflow/; off: a missing file is an error naming it.",
             }),
         }}
 
@@ -70,6 +70,7 @@ class ColorFlowModelLoader:
             device=target,
             dtype=comfy_bridge.auto_dtype(target) if dtype == "auto" else dtype,
             allow_download=auto_download,
+            download_dir=comfy_bridge.model_folders("colorflow")[0],
         )
         return (model, model.encoder)
 

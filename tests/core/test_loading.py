@@ -139,3 +139,14 @@ def test_unknown_style_and_dtype(tiny_release):
         load_colorflow(release, base, style="watercolour")
     with pytest.raises(InvalidInputError, match="dtype"):
         load_colorflow(release, base, dtype="float8")
+
+
+def test_repo_id_resolves_to_a_models_folder_copy(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "models" / "ColorFlow" / "GraySD").mkdir(parents=True)
+    found = resolve_snapshot("TencentARC/ColorFlow", ["GraySD/*"], allow_download=True, what="x", download_dir=tmp_path / "models")
+    assert found == tmp_path / "models" / "ColorFlow"
+    with pytest.raises(MissingWeightsError) as info:
+        resolve_snapshot("TencentARC/Other", ["*"], allow_download=False, what="x", download_dir=tmp_path / "models")
+    assert str(tmp_path / "models" / "Other") in str(info.value)
