@@ -84,8 +84,9 @@ def _load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], pa
     return model
 
 
-def load_guider(folder: Path, root: Path | None = None) -> ColorGuiderSDModel:
-    """The ColorGuider from `config.json` + weights, all 626 released keys required."""
+def load_configured(cls, folder: Path, root: Path | None = None, adapt=lambda model, state: state):
+    """`cls` from `folder/config.json` built on the meta device, then strictly loaded with the folder's weights
+    (`adapt(model, state_dict)` may first drop known aliases)."""
     config_path = require_file(folder / "config.json", root)
     try:
         config = json.loads(config_path.read_text())
@@ -93,8 +94,13 @@ def load_guider(folder: Path, root: Path | None = None) -> ColorGuiderSDModel:
         raise IncompatibleWeightsError(f"{config_path} is not valid JSON: {exc}") from exc
     weights = find_weight_file(folder, "diffusion_pytorch_model", root)
     with torch.device("meta"):
-        guider = ColorGuiderSDModel.from_config(config)
-    return _load_strict(guider, read_state_dict(weights), weights).eval()
+        model = cls.from_config(config)
+    return _load_strict(model, adapt(model, read_state_dict(weights)), weights).eval()
+
+
+def load_guider(folder: Path, root: Path | None = None) -> ColorGuiderSDModel:
+    """The ColorGuider from `config.json` + weights, all 626 released keys required."""
+    return load_configured(ColorGuiderSDModel, folder, root)
 
 
 def load_fusion(folder: Path, vae: AutoencoderKL, root: Path | None = None) -> MultiHiddenResNetModel:

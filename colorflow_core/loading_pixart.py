@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
-from .errors import IncompatibleWeightsError
-from .loading import ColorFlowModel, _load_strict, load_fusion, resolve_snapshot
+from .loading import ColorFlowModel, load_configured, load_fusion, resolve_snapshot
 from .models.color_guider_pixart import ColorGuiderPixArtModel, drop_alias_keys
 from .models.lora import PIXART_LORA_TARGETS, apply_lora
 from .pipelines.colorflow_pixart import ColorFlowPixArtPipeline
@@ -27,16 +26,9 @@ _PIXART_PATTERNS = ["model_index.json", "transformer/*", "vae/*", "text_encoder/
 
 def load_pixart_guider(folder: Path, root: Path | None = None) -> ColorGuiderPixArtModel:
     """The PixArt ColorGuider from `config.json` + weights: every released key required, `after_proj.*` dropped."""
-    config_path = require_file(folder / "config.json", root)
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise IncompatibleWeightsError(f"{config_path} is not valid JSON: {exc}") from exc
-    weights = find_weight_file(folder, "diffusion_pytorch_model", root)
-    with torch.device("meta"):
-        guider = ColorGuiderPixArtModel.from_config(config)
-    state_dict = drop_alias_keys(read_state_dict(weights), guider.num_controls)
-    guider = _load_strict(guider, state_dict, weights)
+    guider = load_configured(
+        ColorGuiderPixArtModel, folder, root, adapt=lambda model, state: drop_alias_keys(state, model.num_controls)
+    )
     # PatchEmbed's sin-cos table is a non-persistent buffer: rebuild it off the meta device.
     _rebuild_position_table(guider)
     return guider.eval()

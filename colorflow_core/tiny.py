@@ -56,7 +56,8 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def _randomize_(tensor: torch.Tensor, scale: float, generator: torch.Generator) -> None:
+def randomize_(tensor: torch.Tensor, scale: float, generator: torch.Generator) -> None:
+    """Fill `tensor` in place with N(0, scale²) values drawn from `generator`."""
     tensor.copy_(torch.randn(tensor.shape, generator=generator) * scale)
 
 
@@ -93,13 +94,25 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
+def write_tiny_fusion(folder: Path, vae_blocks: tuple[int, ...], generator: torch.Generator) -> None:
+    """`folder/MultiResNetModel.bin` for a VAE with `vae_blocks`, with non-trivial BatchNorm statistics."""
+    fusion = MultiHiddenResNetModel(channels_list=(vae_blocks[0], *vae_blocks))
+    with torch.no_grad():
+        for name, buffer in fusion.named_buffers():
+            if name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0, generator=generator)
+            elif name.endswith("running_mean"):
+                randomize_(buffer, 0.1, generator)
+    torch.save(fusion.state_dict(), folder / "MultiResNetModel.bin")
+
+
 def lora_state_dict(unet: UNet2DConditionModel, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Random non-zero LoRA tensors named as upstream's peft-adapted UNet names them."""
     unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(SD_LORA_TARGETS)))
     tensors = {k: v.clone() for k, v in unet.state_dict().items() if ".lora_" in k}
     unet.delete_adapters("default")
     for tensor in tensors.values():
-        _randomize_(tensor, 0.05, generator)
+        randomize_(tensor, 0.05, generator)
     return tensors
 
 
@@ -142,17 +155,10 @@ def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     with torch.no_grad():
         for name, param in guider.named_parameters():
             if name.startswith("brushnet_") or name.startswith("conv_in_condition"):
-                _randomize_(param, 0.1, generator)
+                randomize_(param, 0.1, generator)
     guider.save_pretrained(gray)
     torch.save(lora_state_dict(unet, generator), gray / "unet_lora.bin")
-    fusion = MultiHiddenResNetModel(channels_list=(VAE_BLOCKS[0], *VAE_BLOCKS))
-    with torch.no_grad():
-        for name, buffer in fusion.named_buffers():
-            if name.endswith("running_var"):
-                buffer.uniform_(0.5, 2.0, generator=generator)
-            elif name.endswith("running_mean"):
-                _randomize_(buffer, 0.1, generator)
-    torch.save(fusion.state_dict(), gray / "MultiResNetModel.bin")
+    write_tiny_fusion(gray, VAE_BLOCKS, generator)
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         image_size=224, patch_size=14, projection_dim=16,

@@ -17,8 +17,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from .models.color_guider_pixart import ColorGuiderPixArtModel, with_alias_keys
-from .models.fusion import MultiHiddenResNetModel
 from .models.lora import PIXART_LORA_TARGETS
+from .tiny import randomize_, write_tiny_fusion
 
 CONFIGS = Path(__file__).parent / "configs" / "pixart"
 #: 3 heads × 8: the width must split in 3 (PixArt's resolution + aspect embedders take a third each).
@@ -28,10 +28,6 @@ TEXT_DIM = 32
 LORA_RANK = 4
 #: Release sub-folder per PixArt style.
 PIXART_FOLDERS = {"sketch": "sketch", "sketch_shading": "shading"}
-
-
-def _randomize_(tensor: torch.Tensor, scale: float, generator: torch.Generator) -> None:
-    tensor.copy_(torch.randn(tensor.shape, generator=generator) * scale)
 
 
 def tiny_pixart_transformer() -> PixArtTransformer2DModel:
@@ -107,7 +103,7 @@ def pixart_lora_state_dict(transformer: PixArtTransformer2DModel, generator: tor
     inject_adapter_in_model(config, transformer, adapter_name="default")
     tensors = {k: v.detach().clone() for k, v in transformer.state_dict().items() if ".lora_" in k}
     for tensor in tensors.values():
-        _randomize_(tensor, 0.05, generator)
+        randomize_(tensor, 0.05, generator)
     return tensors
 
 
@@ -118,18 +114,11 @@ def write_pixart_style(folder: Path, vae_blocks: tuple[int, ...], generator: tor
     with torch.no_grad():
         for name, param in guider.named_parameters():
             if name.startswith("adapter_linear"):
-                _randomize_(param, 0.2, generator)
+                randomize_(param, 0.2, generator)
     guider.save_config(folder)
     torch.save(with_alias_keys(guider.state_dict(), guider.num_controls), folder / "diffusion_pytorch_model.bin")
     torch.save(pixart_lora_state_dict(tiny_pixart_transformer(), generator), folder / "transformer_lora.bin")
-    fusion = MultiHiddenResNetModel(channels_list=(vae_blocks[0], *vae_blocks))
-    with torch.no_grad():
-        for name, buffer in fusion.named_buffers():
-            if name.endswith("running_var"):
-                buffer.uniform_(0.5, 2.0, generator=generator)
-            elif name.endswith("running_mean"):
-                _randomize_(buffer, 0.1, generator)
-    torch.save(fusion.state_dict(), folder / "MultiResNetModel.bin")
+    write_tiny_fusion(folder, vae_blocks, generator)
 
 
 def write_tiny_pixart(release: Path, base: Path, seed: int = 0) -> Path:
