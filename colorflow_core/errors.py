@@ -15,12 +15,12 @@ class InvalidInputError(ColorFlowError, ValueError):
 class MissingWeightsError(ColorFlowError, FileNotFoundError):
     """A weight or config file is missing; says which and where it belongs."""
 
-    def __init__(self, file: str, folder: str | Path, how_to_get: str = ""):
+    def __init__(self, file: str, folder: str | Path, how_to_get: str = "", kind: str = "weight file"):
         self.file = file
         self.folder = str(folder)
         self.how_to_get = how_to_get
         hint = f" ({how_to_get})" if how_to_get else ""
-        super().__init__(f"missing weight file '{file}': put it in '{self.folder}'{hint}")
+        super().__init__(f"missing {kind} '{file}': put it in '{self.folder}'{hint}")
 
 
 class IncompatibleWeightsError(ColorFlowError):

@@ -61,7 +61,7 @@ def resolve_snapshot(
     path = Path(location).expanduser()
     if path.exists() or not looks_like_repo_id(str(location)):
         if not path.is_dir():
-            raise MissingWeightsError(str(path), path.parent, f"{what}: expected a folder")
+            raise MissingWeightsError(str(path), path.parent, what, kind="folder")
         return path
     from huggingface_hub import snapshot_download  # imported here: nothing touches the hub at import time
 
