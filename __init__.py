@@ -4,6 +4,7 @@ Importing the pack registers `models/colorflow` with ComfyUI; it loads no model,
 """
 from .nodes import comfy_bridge
 from .nodes.loaders import ColorFlowEncoderFromCLIPVision, ColorFlowEncoderLoader, ColorFlowModelLoader
+from .nodes.preprocessing import ColorFlowLineExtract, ColorFlowScreenStyle, ColorFlowSketchShading
 from .nodes.retrieval import ColorFlowLoadPages, ColorFlowReferencePool, ColorFlowStitchCanvas
 from .nodes.sampling import ColorFlowColorizeSequence, ColorFlowGuidedUpscale, ColorFlowSampler
 
@@ -19,6 +20,9 @@ NODE_CLASS_MAPPINGS = {
     "ColorFlowSampler": ColorFlowSampler,
     "ColorFlowGuidedUpscale": ColorFlowGuidedUpscale,
     "ColorFlowColorizeSequence": ColorFlowColorizeSequence,
+    "ColorFlowScreenStyle": ColorFlowScreenStyle,
+    "ColorFlowLineExtract": ColorFlowLineExtract,
+    "ColorFlowSketchShading": ColorFlowSketchShading,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -31,6 +35,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ColorFlowSampler": "ColorFlow Sampler",
     "ColorFlowGuidedUpscale": "ColorFlow Guided Upscale",
     "ColorFlowColorizeSequence": "ColorFlow Colorize Sequence",
+    "ColorFlowScreenStyle": "ColorFlow Screen Style",
+    "ColorFlowLineExtract": "ColorFlow Line Extract",
+    "ColorFlowSketchShading": "ColorFlow Sketch Shading",
 }
 
 WEB_DIRECTORY = "./web"

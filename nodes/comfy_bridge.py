@@ -74,6 +74,15 @@ def model_file(kind: str, name: str) -> Path | None:
     return None
 
 
+def custom_node_folders() -> list[Path]:
+    """ComfyUI's custom_nodes folders (where other packs, e.g. the ControlNet auxiliary preprocessors, keep their files)."""
+    if in_comfyui():
+        if "custom_nodes" not in folder_paths.folder_names_and_paths:
+            return []
+        return [Path(path) for path in folder_paths.get_folder_paths("custom_nodes")]
+    return [fallback_base() / "custom_nodes"]
+
+
 def input_directory() -> Path:
     """ComfyUI's input directory."""
     return Path(folder_paths.get_input_directory()) if in_comfyui() else fallback_base() / "input"

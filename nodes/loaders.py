@@ -3,22 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..colorflow_core.errors import MissingWeightsError
-from ..colorflow_core.loading import DTYPES, STYLE_FOLDERS, load_colorflow
+from ..colorflow_core.loading import DTYPES, STYLE_FOLDERS, STYLE_GUIDANCE, ColorFlowModel, load_colorflow
+from ..colorflow_core.loading_pixart import PIXART_REPO
+from ..colorflow_core.preprocessors import ERIKA_FILE, Preprocessors
 from ..colorflow_core.retrieval.encoders import ReleaseClipEncoder
 from ..colorflow_core.weights import COLORFLOW_REPO, SD15_REPO
-from . import comfy_bridge, model_choices
+from . import comfy_bridge, inputs, model_choices
 from .clip_vision import ClipVisionEncoder
 
-DEVICE_CHOICES = ["auto", "cpu"]
 DTYPE_CHOICES = ["auto", *DTYPES]
-DEVICE = (DEVICE_CHOICES, {"default": "auto", "tooltip": "'auto': ComfyUI's compute device (the CPU under --cpu)."})
-
-
-def _device(choice: str) -> torch.device:
-    return comfy_bridge.torch_device() if choice == "auto" else torch.device(choice)
 
 
 def _location(choice: str, path: Path | None, repo: str, allow_download: bool) -> Path | str:
@@ -28,7 +22,8 @@ def _location(choice: str, path: Path | None, repo: str, allow_download: bool) -
     if allow_download:
         return repo
     missing, folder = model_choices.missing_location(choice)
-    raise MissingWeightsError(missing, folder, f"from huggingface.co/{repo}, or turn on auto_download")
+    kind = "folder" if missing.endswith("/") else "weight file"
+    raise MissingWeightsError(missing, folder, f"from huggingface.co/{repo}, or turn on auto_download", kind=kind)
 
 
 class ColorFlowModelLoader:
@@ -45,12 +40,28 @@ class ColorFlowModelLoader:
                 "default": model_choices.BASE_NAME,
                 "tooltip": "SD1.5 base: a checkpoint from models/checkpoints/, or a diffusers folder under models/diffusers/ or models/colorflow/.",
             }),
-            "style": (list(STYLE_FOLDERS), {"default": "gray", "tooltip": "Input style: 'gray' = gray or screentoned pages (GraySD)."}),
+            "style": (list(STYLE_FOLDERS), {
+                "default": "gray",
+                "tooltip": (
+                    "Input style: 'gray' = gray or screentoned pages (GraySD/, on the SD1.5 'base'); 'sketch' = line art "
+                    "(sketch/), 'sketch_shading' = line art with shading (shading/), both on the PixArt-α 'pixart_base'. "
+                    f"Sampler guidance upstream: {STYLE_GUIDANCE['gray']} gray, {STYLE_GUIDANCE['sketch']} sketch styles."
+                ),
+            }),
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": "Weight precision; 'auto' lets ComfyUI choose for the device."}),
-            "device": DEVICE,
+            "device": inputs.DEVICE,
             "auto_download": ("BOOLEAN", {
                 "default": False,
                 "tooltip": "Download missing weights from Hugging Face into models/colorflow/; off: a missing file is an error naming it.",
+            }),
+        }, "optional": {
+            "pixart_base": (model_choices.pixart_choices(), {
+                "default": model_choices.PIXART_NAME,
+                "tooltip": (
+                    "PixArt-α base of the sketch styles (unused for 'gray'): a PixArt-XL-2-1024-MS diffusers folder "
+                    "(transformer/, vae/, scheduler/; text_encoder/ + tokenizer/ are read once, then the prompt embeddings "
+                    "are cached beside it) under models/diffusers/ or models/colorflow/."
+                ),
             }),
         }}
 
@@ -58,21 +69,38 @@ class ColorFlowModelLoader:
     RETURN_NAMES = ("model", "encoder")
     FUNCTION = "load"
     CATEGORY = "ColorFlow/loaders"
-    DESCRIPTION = "Loads a ColorFlow release (LoRA, ColorGuider, guided-VAE fusion net, CLIP image encoder) on an SD1.5 base."
+    DESCRIPTION = (
+        "Loads a ColorFlow release (LoRA, ColorGuider, guided-VAE fusion net, CLIP image encoder) for one input style: "
+        "'gray' on an SD1.5 base, 'sketch' / 'sketch_shading' on a PixArt-α base."
+    )
 
-    def load(self, snapshot: str, base: str, style: str, dtype: str, device: str, auto_download: bool):
+    def load(self, snapshot: str, base: str, style: str, dtype: str, device: str, auto_download: bool, pixart_base: str | None = None):
         """Load and return (model, its retrieval encoder)."""
-        target = _device(device)
+        target = inputs.device(device)
+        if style == "gray":
+            base_location = _location(base, model_choices.base_path(base), SD15_REPO, auto_download)
+        else:
+            pixart_base = pixart_base or model_choices.PIXART_NAME
+            base_location = _location(pixart_base, model_choices.pixart_path(pixart_base), PIXART_REPO, auto_download)
         model = load_colorflow(
             _location(snapshot, model_choices.release_path(snapshot), COLORFLOW_REPO, auto_download),
-            _location(base, model_choices.base_path(base), SD15_REPO, auto_download),
+            base_location,
             style=style,
             device=target,
             dtype=comfy_bridge.auto_dtype(target) if dtype == "auto" else dtype,
             allow_download=auto_download,
             download_dir=comfy_bridge.model_folders("colorflow")[0],
         )
+        _line_extractor_fallback(model)
         return (model, model.encoder)
+
+
+def _line_extractor_fallback(model: ColorFlowModel) -> None:
+    """A release without LE/erika.pth borrows the line extractor found elsewhere (e.g. the ControlNet aux copy)."""
+    if not (model.snapshot / ERIKA_FILE).is_file():
+        other = model_choices.any_line_extractor()
+        if other is not None:
+            model.preprocessors = Preprocessors(model.snapshot, erika=other, device=model.device)
 
 
 class ColorFlowEncoderLoader:
@@ -85,7 +113,7 @@ class ColorFlowEncoderLoader:
                 "default": f"{model_choices.RELEASE_NAME}/{model_choices.ENCODER_FOLDER}",
                 "tooltip": "The image_encoder folder of a ColorFlow release (CLIP ViT-H/14 with projection).",
             }),
-            "device": DEVICE,
+            "device": inputs.DEVICE,
         }}
 
     RETURN_TYPES = ("COLORFLOW_ENCODER",)
@@ -96,7 +124,7 @@ class ColorFlowEncoderLoader:
 
     def load(self, encoder: str, device: str):
         """Load and return the encoder."""
-        return (ReleaseClipEncoder.from_pretrained(model_choices.encoder_path(encoder), device=_device(device)),)
+        return (ReleaseClipEncoder.from_pretrained(model_choices.encoder_path(encoder), device=inputs.device(device)),)
 
 
 class ColorFlowEncoderFromCLIPVision:

@@ -89,12 +89,18 @@ class ColorFlowReferencePool:
         return {"ui": {"colorflow_info": [summary]}, "result": (pool, summary)}
 
 
-def stitch_page(page: Image.Image, pool: ReferencePool, size: tuple[int, int], preprocess: str) -> tuple[Canvas, Retrieval]:
-    """The steps of colorflow_core.sequence.colorize_page before sampling: prepare, retrieve, stitch."""
-    context, _guide = prepare_page(page, size, preprocess)
+def stitch_page(
+    page: Image.Image, pool: ReferencePool, size: tuple[int, int], preprocess: str, *, model=None, seed: int = 0,
+    deterministic: bool = False,
+) -> tuple[Canvas, Retrieval, Image.Image]:
+    """The steps of colorflow_core.sequence.colorize_page before sampling: prepare, retrieve, stitch; also the guide."""
+    method = inputs.preprocess_method(preprocess, model)
+    context, guide = prepare_page(
+        page, size, method, preprocessors=inputs.page_preprocessors(method, model), seed=seed, deterministic=deterministic,
+    )
     query = process_image(context, *size)
     retrieval = pool.search(query, size=size, k=TOP_K, progress=comfy_bridge.progress_bar(len(pool)))
-    return build_canvas(query, retrieval.patches(), retrieval.indices.tolist()), retrieval
+    return build_canvas(query, retrieval.patches(), retrieval.indices.tolist()), retrieval, guide
 
 
 class ColorFlowStitchCanvas:
@@ -109,31 +115,46 @@ class ColorFlowStitchCanvas:
             "width": inputs.WIDTH,
             "height": inputs.HEIGHT,
             "preprocess": inputs.PREPROCESS,
+        }, "optional": {
+            "model": ("COLORFLOW_MODEL", {
+                "tooltip": "The ColorFlow model: needed for preprocess screen / sketch / sketch_shading (its release's networks) and 'style default'.",
+            }),
+            "screen_seed": ("INT", {
+                "default": 0, "min": 0, "max": inputs.SEED_LIMIT - 1,
+                "tooltip": "Seed of the ScreenStyle screentones ('screen' only); the sequence node uses its seed here, so set the sampler's seed to get its pages.",
+            }),
+            "screen_deterministic": inputs.SCREEN_DETERMINISTIC,
         }}
 
-    RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
-    RETURN_NAMES = ("canvas", "mask", "retrieval")
+    RETURN_TYPES = ("IMAGE", "MASK", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("canvas", "mask", "retrieval", "guide")
     FUNCTION = "stitch"
     CATEGORY = "ColorFlow/retrieval"
     DESCRIPTION = (
         "Retrieval (RAP): the page in the centre of a 2W×2H canvas with the 12 best reference patches around it, "
-        "its mask, and a labelled grid of the patches."
+        "its mask, a labelled grid of the patches, and the prepared page at 1.5W×1.5H ('guide', for Guided Upscale's "
+        "gray input with preprocess 'none')."
     )
 
-    def stitch(self, page, pool: ReferencePool, size: str, width: int, height: int, preprocess: str):
-        """Return (canvases, masks, retrieval previews)."""
+    def stitch(self, page, pool: ReferencePool, size: str, width: int, height: int, preprocess: str, model=None,
+               screen_seed: int | None = None, screen_deterministic: bool | None = None):
+        """Return (canvases, masks, retrieval previews, guides)."""
         pages = images_to_pil(page)
         target = inputs.query_size(size, width, height, pages[0])
-        canvases, retrievals = [], []
+        canvases, retrievals, guides = [], [], []
         for picture in pages:
             comfy_bridge.check_interrupt()
-            canvas, retrieval = stitch_page(picture, pool, target, preprocess)
+            canvas, retrieval, guide = stitch_page(
+                picture, pool, target, preprocess, model=model, seed=screen_seed or 0, deterministic=bool(screen_deterministic),
+            )
             canvases.append(canvas)
             retrievals.append(retrieval)
+            guides.append(guide)
         summary = "\n\n".join(retrieval_summary(r) for r in retrievals)
         result = (
             pil_to_images([c.image for c in canvases]),
             pil_to_masks([c.mask for c in canvases]),
             pil_to_images([retrieval_preview(r) for r in retrievals]),
+            pil_to_images(guides),
         )
         return {"ui": {"colorflow_info": [summary]}, "result": result}

@@ -61,7 +61,12 @@ class ColorFlowGuidedUpscale:
         return {"required": {
             "model": inputs.MODEL,
             "page": ("IMAGE", {"tooltip": "Low-resolution colour page(s), e.g. the sampler's 'page' output (W×H)."}),
-            "gray": ("IMAGE", {"tooltip": "The original gray page(s), any size; prepared to 1.5W×1.5H like the canvas page."}),
+            "gray": ("IMAGE", {
+                "tooltip": (
+                    "The original page(s), any size, prepared to 1.5W×1.5H like the canvas page (preprocess); or the canvas "
+                    "node's 'guide' output with preprocess 'none'."
+                ),
+            }),
             "seed": inputs.SEED,
             "sampler_guidance": ("FLOAT", {
                 **inputs.GUIDANCE[1],
@@ -72,22 +77,32 @@ class ColorFlowGuidedUpscale:
             }),
             "preprocess": inputs.PREPROCESS,
             "sample_posterior": ("BOOLEAN", {"default": True, "tooltip": "Sample the VAE posterior (upstream); off: use its mean."}),
+        }, "optional": {
+            "screen_deterministic": inputs.SCREEN_DETERMINISTIC,
         }}
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
     FUNCTION = "upscale"
     CATEGORY = "ColorFlow/upscaling"
-    DESCRIPTION = "Decodes the colour page at 1.5× its size through the guided VAE, restoring line detail from the gray page."
+    DESCRIPTION = (
+        "Decodes the colour page at 1.5× its size through the guided VAE, restoring line detail from the prepared page "
+        "(gray page, screentones or extracted lines, as the model's style wants)."
+    )
 
-    def upscale(self, model, page, gray, seed: int, sampler_guidance: float, preprocess: str, sample_posterior: bool):
+    def upscale(self, model, page, gray, seed: int, sampler_guidance: float, preprocess: str, sample_posterior: bool,
+                screen_deterministic: bool | None = None):
         """Return the upscaled colour pages."""
         pairs = pair_batches(images_to_pil(page), images_to_pil(gray), "colour and gray pages")
+        method = inputs.preprocess_method(preprocess, model)
         progress = comfy_bridge.progress_bar(len(pairs))
         finals = []
         for index, (colour, line_art) in enumerate(pairs):
             comfy_bridge.check_interrupt()
-            _context, guide = prepare_page(line_art, colour.size, preprocess)
+            _context, guide = prepare_page(
+                line_art, colour.size, method, preprocessors=inputs.page_preprocessors(method, model), seed=seed,
+                deterministic=bool(screen_deterministic),
+            )
             canvas_size = (2 * colour.width, 2 * colour.height)
             generator = gsrp_generator(seed, model.device, canvas_size, cfg=sampler_guidance > 1.0)
             finals.append(model.upscaler(colour, guide, generator=generator, sample_posterior=sample_posterior))
@@ -106,7 +121,7 @@ class ColorFlowColorizeSequence:
         return {"required": {
             "model": inputs.MODEL,
             "pool": inputs.POOL,
-            "pages": ("IMAGE", {"tooltip": "Gray pages, in reading order: a batch, or a list (ColorFlow Load Pages) of pages of any size."}),
+            "pages": ("IMAGE", {"tooltip": "Pages (gray, or line art for the sketch styles), in reading order: a batch, or a list (ColorFlow Load Pages) of pages of any size."}),
             "seed": inputs.SEED,
             "steps": inputs.STEPS,
             "guidance": inputs.GUIDANCE,
@@ -119,6 +134,8 @@ class ColorFlowColorizeSequence:
                 "default": False,
                 "tooltip": "Each finished page joins the pool for the pages after it (page-to-page colour memory); the saved pool is not changed.",
             }),
+        }, "optional": {
+            "screen_deterministic": inputs.SCREEN_DETERMINISTIC,
         }}
 
     RETURN_TYPES = ("IMAGE",)
@@ -127,11 +144,13 @@ class ColorFlowColorizeSequence:
     CATEGORY = "ColorFlow"
     DESCRIPTION = "Colourises a chapter against a reference pool, page after page with one seed; returns the pages at 1.5× the canvas page size."
 
-    def colorize(self, model, pool, pages, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back):
+    def colorize(self, model, pool, pages, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back,
+                 screen_deterministic=None):
         """Return the colourised pages as one batch; every argument arrives as a list (INPUT_IS_LIST)."""
         model, pool, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back = (
             values[0] for values in (model, pool, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back)
         )
+        screen_deterministic = bool(screen_deterministic[0]) if screen_deterministic else False
         pictures = [picture for batch in pages for picture in images_to_pil(batch)]
         if not pictures:
             raise InvalidInputError("no pages to colorize")
@@ -140,7 +159,9 @@ class ColorFlowColorizeSequence:
             shown = ", ".join(sorted({f"{w}x{h}" for w, h in sizes}))
             raise InvalidInputError(f"size 'auto' gives these pages different sizes ({shown}); choose one size to colour them as one batch")
         options = ColorizeOptions(
-            size=sizes[0], steps=steps, seed=seed, guidance_scale=guidance, guider_scale=guider_scale, preprocess=preprocess,
+            size=sizes[0], steps=steps, seed=seed, guidance_scale=guidance, guider_scale=guider_scale,
+            preprocess=None if preprocess == inputs.STYLE_DEFAULT else preprocess,  # None: the core uses the model's style's method
+            screen_deterministic=screen_deterministic,
         )
         total = len(pictures) * steps
         progress = comfy_bridge.progress_bar(total)

@@ -15,6 +15,9 @@ from ..pack import load_pack
 SIZE = (64, 96)
 RELEASE = "ColorFlow"
 BASE = "diffusers/tiny-sd15"
+PIXART = "diffusers/tiny-pixart"
+#: The line extractor of the tiny release, as the preprocessor nodes name it.
+ERIKA = "colorflow/ColorFlow/LE/erika.pth"
 #: Folders inside the input directory, as the shipped workflows name them.
 REFS, CHAPTER = "colorflow/refs", "colorflow/chapter"
 
@@ -47,18 +50,21 @@ def pack():
 
 @pytest.fixture(scope="session")
 def comfy_base(tiny_release, tmp_path_factory) -> Path:
-    """A ComfyUI-like base folder: models/colorflow/ColorFlow, models/diffusers/tiny-sd15, and the input/ files the shipped workflows use."""
+    """A ComfyUI-like base folder: models/colorflow/ColorFlow, models/diffusers/tiny-sd15 and tiny-pixart, and the input/
+    files the shipped workflows use."""
     release, base = tiny_release
     root = tmp_path_factory.mktemp("comfy")
     (root / "models" / "colorflow").mkdir(parents=True)
     (root / "models" / "diffusers").mkdir(parents=True)
     (root / "models" / "colorflow" / RELEASE).symlink_to(release, target_is_directory=True)
     (root / "models" / "diffusers" / "tiny-sd15").symlink_to(base, target_is_directory=True)
+    (root / "models" / "diffusers" / "tiny-pixart").symlink_to(release.parent / "pixart", target_is_directory=True)
     for folder, images in {
         REFS: {f"ref{i}.png": colour_image(i) for i in range(3)},
         CHAPTER: {"p01.png": gray_page(10), "p02.png": gray_page(11)},
         ".": {"colorflow_page_01.png": gray_page(12), "colorflow_page_02.png": gray_page(13),
-              "colorflow_ref_01.png": colour_image(7), "colorflow_ref_02.png": colour_image(8, (90, 120))},
+              "colorflow_ref_01.png": colour_image(7), "colorflow_ref_02.png": colour_image(8, (90, 120)),
+              "colorflow_sketch_01.png": gray_page(14)},
     }.items():
         (root / "input" / folder).mkdir(parents=True, exist_ok=True)
         for name, image in images.items():
@@ -72,6 +78,12 @@ def comfy_base(tiny_release, tmp_path_factory) -> Path:
 def loaded(pack, comfy_base):
     """(model, encoder) from the model loader node on the tiny weights (tests must not mutate them)."""
     return pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]().load(RELEASE, BASE, "gray", "float32", "cpu", False)
+
+
+@pytest.fixture(scope="session")
+def loaded_sketch(pack, comfy_base):
+    """(model, encoder) of the PixArt 'sketch' style from the model loader node on the tiny weights."""
+    return pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]().load(RELEASE, BASE, "sketch", "float32", "cpu", False, PIXART)
 
 
 @pytest.fixture

@@ -38,7 +38,10 @@ def fake_comfy(monkeypatch, tmp_path):
             if value == 99:
                 raise Interrupted()
 
-    folders = {"checkpoints": ([str(tmp_path / "models" / "checkpoints")], {".safetensors"})}
+    folders = {
+        "checkpoints": ([str(tmp_path / "models" / "checkpoints")], {".safetensors"}),
+        "custom_nodes": ([str(tmp_path / "custom_nodes")], set()),
+    }
     folder_paths = types.SimpleNamespace(
         models_dir=str(tmp_path / "models"),
         folder_names_and_paths=folders,
@@ -72,6 +75,7 @@ def test_fallbacks_without_comfyui(pack, comfy_base):
     assert bridge.model_file("diffusers", "tiny-sd15/unet/config.json") is not None
     assert "tiny-sd15/unet/config.json" in bridge.model_files("diffusers")
     assert bridge.model_file("checkpoints", "missing.safetensors") is None
+    assert bridge.custom_node_folders() == [comfy_base / "custom_nodes"]
     assert bridge.intermediate_device() == torch.device("cpu")
     assert bridge.auto_dtype(torch.device("cpu")) == torch.float32
     bridge.progress_bar(3)(1, 3)
@@ -87,6 +91,9 @@ def test_inside_comfyui_registers_folder_and_uses_its_services(fake_comfy):
     assert folders["colorflow"][0] == [str(root / "models" / "colorflow")]
     assert bridge.model_folders("colorflow") == [root / "models" / "colorflow"]
     assert bridge.model_folders("unknown") == []
+    assert bridge.custom_node_folders() == [root / "custom_nodes"]
+    del folders["custom_nodes"]
+    assert bridge.custom_node_folders() == []
     assert bridge.model_files("checkpoints") == ["v1-5.safetensors"]
     assert bridge.input_directory() == root / "in" and bridge.user_directory() == root / "user"
     assert bridge.auto_dtype(torch.device("cpu")) == torch.bfloat16

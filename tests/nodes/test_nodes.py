@@ -42,7 +42,8 @@ def pages(pack):
 
 
 def stitch(pack, pool, page_batch):
-    return run(pack, "ColorFlowStitchCanvas", page_batch, pool, "custom", W, H, "gray")
+    """(canvas, mask, retrieval preview) of the gray-preprocessed pages."""
+    return run(pack, "ColorFlowStitchCanvas", page_batch, pool, "custom", W, H, "gray")[:3]
 
 
 # ------------------------------------------------------------------------------------------------ loaders
@@ -222,7 +223,8 @@ def test_interrupt_while_adding_writes_nothing(pack, loaded, user_dir, monkeypat
 def test_stitch_canvas_outputs(pack, pool, pages):
     node = pack.NODE_CLASS_MAPPINGS["ColorFlowStitchCanvas"]()
     output = node.stitch(pages, pool, "custom", W, H, "gray")
-    canvas, mask, preview = output["result"]
+    canvas, mask, preview, guide = output["result"]
+    assert guide.shape == (2, int(1.5 * H), int(1.5 * W), 3) and torch.equal(guide[..., 0], guide[..., 2]), "the gray page at 1.5×"
     assert canvas.shape == (2, 2 * H, 2 * W, 3) and mask.shape == (2, 2 * H, 2 * W)
     assert mask[:, H, W].eq(1).all() and mask[:, 0, 0].eq(0).all()
     cell_height = round(pack.nodes.preview.CELL_WIDTH * H / W)
