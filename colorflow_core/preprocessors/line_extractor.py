@@ -170,7 +170,11 @@ class LineExtractor:
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                         source: str = "state dict") -> "LineExtractor":
-        """Build from tensors named as in `erika.pth`; every key must match (strict)."""
+        """Build from tensors named as in `erika.pth`; every key must match (strict).
+
+        A `module.` prefix on every key (a checkpoint saved from nn.DataParallel) is dropped first."""
+        if state_dict and all(key.startswith("module.") for key in state_dict):
+            state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
         widths, blocks = LineNet.layout_from_state_dict(state_dict)
         net = LineNet(widths, blocks)
         try:

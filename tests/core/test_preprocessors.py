@@ -356,3 +356,12 @@ def test_cli_colorize_uses_screen_for_gray_pages(tiny_release, tmp_path, monkeyp
     assert Image.open(tmp_path / "out" / "p.png").size == (96, 144)
     assert [(m, d) for m, d, _ in calls] == [("screen", True)]
     assert isinstance(calls[0][2], Preprocessors)
+
+
+def test_data_parallel_prefix_is_accepted(release):
+    state = read_state_dict(release / "LE" / "erika.pth")
+    plain = LineExtractor.from_state_dict(state)
+    prefixed = LineExtractor.from_state_dict({f"module.{k}": v for k, v in state.items()})
+    assert np.array_equal(np.asarray(plain(page())), np.asarray(prefixed(page())))
+    with pytest.raises(IncompatibleWeightsError):
+        LineExtractor.from_state_dict({f"net.{k}": v for k, v in state.items()})
