@@ -4,24 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from colorflow_core.canvas import build_canvas
 from colorflow_core.errors import InvalidInputError
 from colorflow_core.options import ColorizeOptions, gsrp_generator, make_generators
 
-
-def sample_canvas(width=64, height=96):
-    rng = np.random.default_rng(0)
-    query = Image.fromarray(rng.integers(0, 255, (height, width), dtype=np.uint8)).convert("RGB")
-    patch = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-    return build_canvas(query, [[patch] * 3] * 4)
-
-
-def run(model, canvas, seed=0, **kwargs):
-    latent_gen, posterior_gen = make_generators(seed, "cpu")
-    kwargs.setdefault("num_inference_steps", 2)
-    return model.pipeline(canvas.image, canvas.mask, generator=latent_gen, posterior_generator=posterior_gen, **kwargs)
+from .sampling import run, sample_canvas
 
 
 def test_same_seed_same_result_other_seed_other_result(tiny_model):

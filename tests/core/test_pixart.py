@@ -12,7 +12,6 @@ from diffusers import PixArtTransformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 
-from colorflow_core.canvas import build_canvas
 from colorflow_core.cli import main
 from colorflow_core.errors import IncompatibleWeightsError
 from colorflow_core.loading import load_colorflow
@@ -24,6 +23,12 @@ from colorflow_core.options import PREPROCESSORS, make_generators
 from colorflow_core.pipelines import ColorFlowPixArtPipeline, ColorFlowSDPipeline
 from colorflow_core.tiny_pixart import tiny_pixart_guider, tiny_pixart_transformer
 from colorflow_core.weights import read_state_dict
+
+from .sampling import run as run_sampler, sample_canvas
+
+
+def run(model, canvas, seed=0, **kwargs):
+    return run_sampler(model, canvas, seed, steps=1, **kwargs)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "colorflow_core" / "configs" / "pixart"
 
@@ -42,19 +47,6 @@ def sketch(folders, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COLORFLOW_CACHE", str(tmp_path_factory.mktemp("user_cache")))
         return load_colorflow(release, pixart, style="sketch", device="cpu", prompt_cache=tmp_path_factory.mktemp("pc"))
-
-
-def sample_canvas(width=64, height=64):
-    rng = np.random.default_rng(0)
-    query = Image.fromarray(rng.integers(0, 255, (height, width), dtype=np.uint8)).convert("RGB")
-    patch = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-    return build_canvas(query, [[patch] * 3] * 4)
-
-
-def run(model, canvas, seed=0, **kwargs):
-    latent_gen, posterior_gen = make_generators(seed, "cpu")
-    kwargs.setdefault("num_inference_steps", 1)
-    return model.pipeline(canvas.image, canvas.mask, generator=latent_gen, posterior_generator=posterior_gen, **kwargs)
 
 
 # ---- the released layout at real size (meta device, no weights) -------------------------------------------
@@ -249,14 +241,14 @@ def test_same_interface_and_shared_condition_code(sketch):
     assert isinstance(sketch.pipeline, ColorFlowPixArtPipeline)
     assert ColorFlowPixArtPipeline.prepare_condition is ColorFlowSDPipeline.prepare_condition
     assert sketch.default_guidance_scale == 4.5
-    canvas = sample_canvas()
+    canvas = sample_canvas(64, 64)
     a, b, c = run(sketch, canvas, 3, num_inference_steps=2), run(sketch, canvas, 3, num_inference_steps=2), run(sketch, canvas, 4)
     assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
     assert a.canvas.size == (128, 128) and a.query.size == (64, 64) and a.latents.shape == (1, 4, 16, 16)
 
 
 def test_cfg_and_cfg_free_runs(sketch):
-    canvas = sample_canvas()
+    canvas = sample_canvas(64, 64)
     batches = []
     hook = sketch.pipeline.transformer.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
     try:
@@ -298,7 +290,7 @@ def test_prompt_embeddings_cached_and_t5_never_built_again(folders, sketch, tmp_
 
     def sample(pipeline, **kwargs):
         latent_gen, posterior_gen = make_generators(0, "cpu")
-        canvas = sample_canvas()
+        canvas = sample_canvas(64, 64)
         return pipeline(canvas.image, canvas.mask, num_inference_steps=1, generator=latent_gen,
                         posterior_generator=posterior_gen, **kwargs)
 
