@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 
 import numpy as np
 import pytest
@@ -18,8 +19,11 @@ from colorflow_core.retrieval import pool as pool_module
 MIB = 1 << 20
 
 
-def touch(mib: int) -> np.ndarray:
-    return np.ones(mib * MIB // 8)
+def touch(mib: int) -> mmap.mmap:
+    """Fresh pages (an anonymous mapping): RSS grows by `mib` even when the allocator holds freed memory."""
+    buffer = mmap.mmap(-1, mib * MIB)
+    np.frombuffer(buffer, dtype=np.uint8)[:] = 1
+    return buffer
 
 
 def test_memory_meter_nested_peaks():
