@@ -23,6 +23,11 @@ _LAZY = {
     "colorize_pages": "sequence",
     "PageResult": "sequence",
     "write_tiny_release": "tiny",
+    "colorize_batch": "sequence",
+    "Preset": "presets",
+    "PRESET_NAMES": "presets",
+    "get_preset": "presets",
+    "Placement": "runtime",
 }
 
 __all__ = ["ColorFlowError", "IncompatibleWeightsError", "InvalidInputError", "MissingWeightsError", *_LAZY]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import ColorFlowError
 from .imaging import list_images
+from .presets import PRESET_NAMES
 from .weights import COLORFLOW_REPO, SD15_REPO
 
 
@@ -99,26 +100,41 @@ def colorize(args: argparse.Namespace) -> int:
     """Run the whole pipeline over the given pages; write `<out>/<page stem>.png`."""
     from .loading import load_colorflow
     from .options import ColorizeOptions
+    from .presets import get_preset
     from .retrieval import ReferencePool
     from .retrieval.store import write_png
     from .sequence import colorize_pages
 
     pages = _pages(args.pages)
     preprocess, guidance = style_settings(args.style, args.preprocess, args.guidance)
+    preset = get_preset(args.preset)
+    if args.guidance is not None and preset.guidance_scale is not None:
+        preset = preset.replace(guidance_scale=None)  # an explicit --guidance wins over the preset's
+    if args.page_batch < 1:
+        raise ColorFlowError("--page-batch must be at least 1")
     options = ColorizeOptions(
         size=_size(args), steps=args.steps, seed=args.seed, guidance_scale=guidance,
         guider_scale=args.guider_scale, preprocess=preprocess, sample_posterior=not args.posterior_mode,
         screen_deterministic=args.screen_deterministic,
     )
-    print("loading models…", file=sys.stderr, flush=True)
+    print(f"loading models (preset {preset.name})…", file=sys.stderr, flush=True)
     model = load_colorflow(
-        args.colorflow, args.base, style=args.style, device=args.device, dtype=args.dtype, allow_download=args.download
+        args.colorflow, args.base, style=args.style, device=args.device, dtype=args.dtype, allow_download=args.download,
+        preset=preset,
     )
+    if args.compile:
+        from .runtime import compile_models
+
+        compile_models(model.run_modules()["denoiser"])
+        print("torch.compile: the first page compiles the denoiser blocks (slow), later pages reuse them",
+              file=sys.stderr, flush=True)
     pool = ReferencePool(_encoder(args.encoder, model), store=args.pool)
     added = pool.add(args.refs)
     print(f"{len(pool)} references in the pool ({added} new)", file=sys.stderr, flush=True)
     out = Path(args.out)
-    for result in colorize_pages(model, pages, pool, options, feed_back=args.feed_back, progress=_stderr_progress):
+    results = colorize_pages(model, pages, pool, options, feed_back=args.feed_back, progress=_stderr_progress,
+                             page_batch=args.page_batch)
+    for result in results:
         write_png(out / f"{result.name}.png", result.final)
         if args.save_intermediates:
             save_intermediates(Path(args.save_intermediates), result)
@@ -189,7 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--guidance", type=float, help="CFG scale (default: the style's, 7.5 gray / 4.5 sketch); 1.0 = no CFG (twice as fast)")
     run.add_argument("--guider-scale", type=float, default=1.0, help="strength of the colour guider residuals")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-    run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
+    run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                     help="weight dtype (default float32; half precision on a GPU for --preset fast/low-vram/auto)")
+    run.add_argument("--preset", default="faithful", choices=list(PRESET_NAMES),
+                     help="faithful: upstream numerics (default); fast: no CFG, LoRA merged, bf16, each canvas half "
+                          "encoded once; low-vram: one model on the GPU at a time, half precision, tiled decode; "
+                          "auto: picks faithful or low-vram from the free memory. --guidance overrides fast's 1.0")
+    run.add_argument("--page-batch", type=int, default=1,
+                     help="denoise this many same-size pages as one batch (SD styles; more memory, same result; "
+                          "ignored with --feed-back)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the guider/UNet blocks (first page pays the compilation, minutes on a CPU)")
     run.add_argument("--feed-back", action="store_true", help="add each finished page to the pool for later pages")
     run.add_argument("--pool", help="folder that persists the reference pool's embeddings between runs")
     run.add_argument("--encoder", default="release",

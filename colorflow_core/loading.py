@@ -1,10 +1,12 @@
 """Build a ready ColorFlow model from a release snapshot and an SD1.5 base, strictly and safely."""
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, UniPCMultistepScheduler
@@ -17,6 +19,8 @@ from .models.lora import apply_lora
 from .pipelines.colorflow_sd import ColorFlowSDPipeline
 from .pipelines.guided_sr import GuidedSuperResolver
 from .preprocessors import PREPROCESSOR_FILES, Preprocessors
+from .presets import FAITHFUL, HALF, Preset, get_preset
+from .runtime import Placement, RunPlan, half_dtype, lives_on
 from .retrieval.encoders import ReleaseClipEncoder
 from .single_file import is_single_file, load_sd15_single_file
 from .weights import COLORFLOW_REPO, SD15_REPO, find_weight_file, read_state_dict, require_file, resolve_snapshot
@@ -31,18 +35,28 @@ _SD15_PATTERNS = ["model_index.json", "unet/*", "vae/*", "text_encoder/*", "toke
 
 @dataclass
 class ColorFlowModel:
-    """Everything one style needs: the ICP sampler, the guided upscaler and the retrieval encoder."""
+    """Everything one style needs: the ICP sampler, the guided upscaler and the retrieval encoder.
+
+    `plan` is None for a plain model (upstream-faithful, everything where it was loaded). `with_preset` returns a view
+    that shares every weight and runs its calls under a preset (see `colorflow_core.presets`).
+    """
 
     style: str
     pipeline: ColorFlowSDPipeline  # or ColorFlowPixArtPipeline (same call and result) for the PixArt styles
     upscaler: GuidedSuperResolver
     encoder: ReleaseClipEncoder
     snapshot: Path
+    plan: RunPlan | None = None
 
     @property
     def device(self) -> torch.device:
-        """Device the diffusion models run on."""
-        return self.pipeline.device
+        """Device the diffusion models compute on (with offload, where they run, not where they wait)."""
+        return self.plan.placement.device if self.plan is not None else self.pipeline.device
+
+    @property
+    def preset(self) -> Preset:
+        """The preset this model's calls run under (`faithful` for a plain model; `auto` stays `auto`)."""
+        return self.plan.preset if self.plan is not None else FAITHFUL
 
     @cached_property
     def preprocessors(self) -> Preprocessors:
@@ -53,6 +67,79 @@ class ColorFlowModel:
     def default_guidance_scale(self) -> float:
         """The CFG scale to use when the user sets none (SD1.5 7.5, PixArt 4.5, as upstream)."""
         return self.pipeline.default_guidance_scale
+
+    def effective_guidance(self, requested: float | None = None) -> float:
+        """The CFG scale a call with `requested` (None = the style's default) actually runs at under this preset.
+
+        `fast` runs at 1.0 whatever is requested; give GSRP's `gsrp_generator(cfg=...)` this value's `> 1.0`."""
+        requested = self.default_guidance_scale if requested is None else requested
+        return self.preset.guidance(requested) if not self.preset.is_auto else requested
+
+    def run_modules(self) -> dict[str, tuple[torch.nn.Module, ...]]:
+        """stage → the modules of that stage (what presets stage, offload and count)."""
+        modules = dict(self.pipeline.run_modules())
+        modules.update(self.upscaler.run_modules())
+        image_model = getattr(_unwrap_encoder(self.encoder), "model", None)
+        if isinstance(image_model, torch.nn.Module):
+            modules["image_encoder"] = (image_model,)
+        return modules
+
+    def with_preset(
+        self,
+        preset: str | Preset = "faithful",
+        placement: Placement | None = None,
+        *,
+        free_memory: Callable[[torch.device], int] | None = None,
+    ) -> "ColorFlowModel":
+        """A view of this model whose calls run under `preset` (name or `Preset`); no weight is copied or changed.
+
+        `placement` says where stages compute and where idle weights wait (default: this model's); ComfyUI passes its
+        own devices here. `free_memory(device) -> bytes` replaces the measurement `auto` makes (for tests).
+        The view's pipeline and upscaler are shallow copies sharing all modules; each call under the preset stages
+        what it needs and restores the shared modules exactly when it ends.
+        """
+        preset = get_preset(preset)
+        if placement is None:
+            placement = self.plan.placement if self.plan is not None else Placement(self.pipeline.device)
+        modules = self.run_modules()
+        plain = preset == FAITHFUL and not placement.stage_devices and all(
+            lives_on(module, placement.device) for group in modules.values() for module in group
+        )
+        family = "pixart" if getattr(self.pipeline, "transformer", None) is not None else "sd"
+        plan = None if plain else RunPlan(preset, placement, modules, family, free_memory)
+        pipeline = copy.copy(self.pipeline)
+        pipeline.plan = plan
+        upscaler = copy.copy(self.upscaler)
+        upscaler.plan = plan
+        encoder = _unwrap_encoder(self.encoder)
+        if plan is not None and "image_encoder" in modules:
+            encoder = StagedEncoder(encoder, plan)
+        view = ColorFlowModel(self.style, pipeline, upscaler, encoder, self.snapshot, plan)
+        if "preprocessors" in self.__dict__ and self.device == view.device:
+            view.__dict__["preprocessors"] = self.__dict__["preprocessors"]
+        return view
+
+
+def _unwrap_encoder(encoder):
+    return encoder.encoder if isinstance(encoder, StagedEncoder) else encoder
+
+
+class StagedEncoder:
+    """An image encoder whose model runs in a plan's "image_encoder" stage: on the compute device only while it
+    encodes (it waits on the offload device otherwise). Same name, dim and embeddings as the encoder it wraps."""
+
+    def __init__(self, encoder, plan: RunPlan):
+        self.encoder, self.plan = encoder, plan
+        self.name, self.dim = encoder.name, encoder.dim
+
+    def encode(self, images: Sequence) -> torch.Tensor:
+        from . import runtime
+
+        with runtime.activate(self.plan), runtime.stage("image_encoder", self.encoder.model):
+            return self.encoder.encode(images)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.encoder, attr)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -155,17 +242,28 @@ def load_base_components(base: Path, config_dir: Path | None = None) -> dict:
     )
 
 
+def load_dtype(preset: Preset, device: torch.device) -> torch.dtype:
+    """The dtype weights are loaded in when none is asked: half precision on an accelerator for the presets that
+    compute in it (and `auto`), else float32."""
+    if device.type in ("cuda", "mps") and (preset.compute_dtype == HALF or preset.is_auto):
+        return half_dtype(device) or torch.float32
+    return torch.float32
+
+
 def load_colorflow(
     colorflow: str | Path = COLORFLOW_REPO,
     base: str | Path | None = None,
     *,
     style: str = "gray",
     device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = torch.float32,
+    dtype: str | torch.dtype | None = None,
     allow_download: bool = False,
     base_config: str | Path | None = None,
     prompt_cache: str | Path | None = None,
     download_dir: str | Path | None = None,
+    preset: str | Preset = "faithful",
+    placement: Placement | None = None,
+    free_memory: Callable[[torch.device], int] | None = None,
 ) -> ColorFlowModel:
     """Load one ColorFlow style from a release snapshot (folder or repo id) and its base model.
 
@@ -176,11 +274,38 @@ def load_colorflow(
     that repo); `prompt_cache` is where their T5 prompt embeddings are cached (default: beside the base model).
     Repo ids are looked up in (and, with `allow_download`, downloaded into) `download_dir/<repo name>` when given,
     else the Hugging Face cache.
+
+    `preset` (see `colorflow_core.presets`): "faithful" returns the plain model; other presets return a
+    `with_preset` view. Offloading presets ("low-vram") keep the weights on `placement.offload_device`; "auto" keeps
+    them on the device when a page at the upstream size fits, else offloads. `dtype` None = float32, or half
+    precision on an accelerator for the presets that compute in it. `placement` (default: everything on `device`,
+    offload to the CPU) is where a host such as ComfyUI says stages run and weights wait.
     """
     if style not in STYLE_FOLDERS:
         raise InvalidInputError(f"style '{style}' is not available (choose {', '.join(STYLE_FOLDERS)})")
+    preset = get_preset(preset)
+    placement = placement if placement is not None else Placement(resolve_device(device))
+    device = placement.device
+    dtype = resolve_dtype(dtype) if dtype is not None else load_dtype(preset, device)
+    offload = preset.offload != "none" or preset.is_auto
+    home = placement.offload_device if offload else device
+    model = _load_plain(colorflow, base, style, home, dtype, allow_download, base_config, prompt_cache, download_dir)
+    if preset == FAITHFUL and placement == Placement(device):
+        return model
+    if preset.is_auto and home != device:
+        from .memory import estimate, available
+
+        plan = RunPlan(preset, placement, model.run_modules(), "pixart" if style != "gray" else "sd", free_memory)
+        resident = estimate(plan, FAITHFUL, (512, 800), model.default_guidance_scale, assume_resident=True)
+        if resident.peak <= available(plan):
+            for group in model.run_modules().values():
+                for module in group:
+                    module.to(device)
+    return model.with_preset(preset, placement, free_memory=free_memory)
+
+
+def _load_plain(colorflow, base, style, device, dtype, allow_download, base_config, prompt_cache, download_dir) -> ColorFlowModel:
     sub = STYLE_FOLDERS[style]
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
     if style != "gray":
         from .loading_pixart import PIXART_REPO, load_pixart_colorflow
 

@@ -27,6 +27,9 @@ class ColorizeOptions:
     sample_posterior: bool = True
     batch_stat_norm: bool = True
     top_k: int = 3
+    #: A preset name (colorflow_core.presets) for this run; None = the model's own (faithful for a plain model).
+    #: A preset with a guidance scale of its own (`fast`: 1.0) overrides `guidance_scale`.
+    preset: str | None = None
 
     def __post_init__(self):
         if self.size is not None:
@@ -39,6 +42,10 @@ class ColorizeOptions:
             raise InvalidInputError(f"unknown preprocess '{self.preprocess}' (choose {', '.join(PREPROCESSORS)})")
         if not 0 <= self.seed < 2**63:
             raise InvalidInputError("seed must be a non-negative 64-bit integer")
+        if self.preset is not None:
+            from .presets import get_preset
+
+            get_preset(self.preset)
 
 
 def make_generators(seed: int, device: torch.device | str) -> tuple[torch.Generator, torch.Generator]:

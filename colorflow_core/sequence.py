@@ -7,7 +7,9 @@ from typing import Callable, Iterable, Iterator
 
 from PIL import Image
 
+from . import runtime
 from .canvas import Canvas, build_canvas
+from .errors import InvalidInputError
 from .imaging import ImageLike, auto_size, load_image, process_image
 from .loading import ColorFlowModel
 from .options import NEGATIVE_PROMPT, PROMPT, ColorizeOptions, make_generators
@@ -34,6 +36,48 @@ class PageResult:
     extras: dict = field(default_factory=dict)
 
 
+def with_options_preset(model: ColorFlowModel, options: ColorizeOptions) -> ColorFlowModel:
+    """`model`, or its view under `options.preset` when that names another preset."""
+    if options.preset is None or options.preset == model.preset.name:
+        return model
+    return model.with_preset(options.preset)
+
+
+@dataclass
+class _Prepared:
+    size: tuple[int, int]
+    guide: Image.Image
+    retrieval: Retrieval
+    canvas: Canvas
+
+
+def _prepare(model: ColorFlowModel, page: Image.Image, pool: ReferencePool, options: ColorizeOptions) -> _Prepared:
+    """Preprocessing, retrieval and the stitched canvas of one page."""
+    size = options.size or auto_size(page)
+    context, guide = prepare_page(
+        page, size, options.preprocess or STYLE_METHODS.get(model.style, "screen"),
+        preprocessors=model.preprocessors, seed=options.seed, deterministic=options.screen_deterministic,
+    )
+    query = process_image(context, *size)
+    retrieval = pool.search(query, size=size, k=options.top_k)
+    canvas = build_canvas(query, retrieval.patches(), retrieval.indices.tolist())
+    return _Prepared(size, guide, retrieval, canvas)
+
+
+def _finish(
+    model: ColorFlowModel, name: str, prepared: _Prepared, icp: ICPResult, posterior_generator, options: ColorizeOptions
+) -> PageResult:
+    final = model.upscaler(
+        icp.query,
+        prepared.guide,
+        generator=posterior_generator,
+        sample_posterior=options.sample_posterior,
+        batch_stat_norm=options.batch_stat_norm,
+    )
+    lowres = icp.query.resize(prepared.guide.size)
+    return PageResult(name, final, prepared.size, prepared.canvas, prepared.retrieval, icp, lowres)
+
+
 def colorize_page(
     model: ColorFlowModel,
     page: Image.Image,
@@ -43,37 +87,44 @@ def colorize_page(
     name: str = "page",
     step_progress: Callable[[int, int], None] | None = None,
 ) -> PageResult:
-    """Retrieval → canvas → ICP → GSRP for one page."""
-    size = options.size or auto_size(page)
-    context, guide = prepare_page(
-        page, size, options.preprocess or STYLE_METHODS.get(model.style, "screen"),
-        preprocessors=model.preprocessors, seed=options.seed, deterministic=options.screen_deterministic,
-    )
-    query = process_image(context, *size)
-    retrieval = pool.search(query, size=size, k=options.top_k)
-    canvas = build_canvas(query, retrieval.patches(), retrieval.indices.tolist())
-    latent_generator, posterior_generator = make_generators(options.seed, model.device)
-    icp = model.pipeline(
-        canvas.image,
-        canvas.mask,
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE_PROMPT,
-        num_inference_steps=options.steps,
-        guidance_scale=options.guidance_scale,
-        guider_scale=options.guider_scale,
-        generator=latent_generator,
-        posterior_generator=posterior_generator,
-        progress=step_progress,
-    )
-    final = model.upscaler(
-        icp.query,
-        guide,
-        generator=posterior_generator,
-        sample_posterior=options.sample_posterior,
-        batch_stat_norm=options.batch_stat_norm,
-    )
-    lowres = icp.query.resize(guide.size)
-    return PageResult(name, final, size, canvas, retrieval, icp, lowres)
+    """Retrieval → canvas → ICP → GSRP for one page (under `options.preset`, else the model's preset)."""
+    return colorize_batch(model, [page], pool, options, names=[name], step_progress=step_progress)[0]
+
+
+def colorize_batch(
+    model: ColorFlowModel,
+    pages: list[Image.Image],
+    pool: ReferencePool,
+    options: ColorizeOptions,
+    *,
+    names: list[str] | None = None,
+    step_progress: Callable[[int, int], None] | None = None,
+) -> list[PageResult]:
+    """Several pages with their denoising in one UNet batch (same-size pages, SD styles); page i's result equals
+    `colorize_page` of that page alone up to the rounding of a batched convolution, since each page draws from its
+    own generators seeded with `options.seed`. Pipelines without batching (PixArt) take the pages one by one."""
+    model = with_options_preset(model, options)
+    names = names or [f"page_{i:04d}" for i in range(len(pages))]
+    if len(pages) > 1 and not hasattr(model.pipeline, "sample_pages"):
+        return [colorize_page(model, page, pool, options, name=n, step_progress=step_progress) for page, n in zip(pages, names)]
+    with runtime.activate(model.plan, size=options.size or auto_size(pages[0]), guidance=options.guidance_scale):
+        prepared = [_prepare(model, page, pool, options) for page in pages]
+        if len({p.size for p in prepared}) > 1:
+            raise InvalidInputError("pages colourised as one batch must have the same size")
+        generators = [make_generators(options.seed, model.device) for _ in pages]
+        settings = dict(
+            prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, num_inference_steps=options.steps,
+            guidance_scale=options.guidance_scale, guider_scale=options.guider_scale, progress=step_progress,
+        )
+        if len(pages) == 1:
+            (page,), ((latent, posterior),) = prepared, generators
+            icps = [model.pipeline(page.canvas.image, page.canvas.mask, generator=latent, posterior_generator=posterior, **settings)]
+        else:
+            icps = model.pipeline.sample_pages(
+                [p.canvas.image for p in prepared], [p.canvas.mask for p in prepared],
+                generators=[g[0] for g in generators], posterior_generators=[g[1] for g in generators], **settings,
+            )
+        return [_finish(model, n, p, icp, g[1], options) for n, p, icp, g in zip(names, prepared, icps, generators)]
 
 
 def colorize_pages(
@@ -84,15 +135,32 @@ def colorize_pages(
     *,
     feed_back: bool = False,
     progress: ProgressFn | None = None,
+    page_batch: int = 1,
 ) -> Iterator[PageResult]:
-    """Colour each page against `pool`, in order; with `feed_back`, each finished page joins the pool."""
+    """Colour each page against `pool`, in order; with `feed_back`, each finished page joins the pool.
+
+    `page_batch` > 1 denoises that many consecutive same-size pages as one UNet batch (SD styles; more memory, same
+    results); with `feed_back` pages always run one at a time (each page may retrieve the ones before it).
+    """
+    if page_batch < 1:
+        raise InvalidInputError("page_batch must be at least 1")
+    model = with_options_preset(model, options)  # one view for the chapter (it may keep converted copies)
     pages = list(pages)
-    for index, item in enumerate(pages):
-        name = Path(item).stem if isinstance(item, (str, Path)) else f"page_{index:04d}"
-        step_progress = (lambda done, total: progress("step", done, total)) if progress else None
-        result = colorize_page(model, load_image(item), pool, options, name=name, step_progress=step_progress)
-        if feed_back:
-            pool.add([result.final])
-        if progress is not None:
-            progress("page", index + 1, len(pages))
-        yield result
+    names = [Path(item).stem if isinstance(item, (str, Path)) else f"page_{index:04d}" for index, item in enumerate(pages)]
+    step_progress = (lambda done, total: progress("step", done, total)) if progress else None
+    group = 1 if feed_back else page_batch
+    done = 0
+    for start in range(0, len(pages), group):
+        images = [load_image(item) for item in pages[start : start + group]]
+        if len(images) == 1:
+            results = [colorize_page(model, images[0], pool, options, name=names[start], step_progress=step_progress)]
+        else:  # a batch's steps advance all its pages: reported as that many pages' steps
+            batch_progress = (lambda done, total, k=len(images): step_progress(done * k, total * k)) if progress else None
+            results = colorize_batch(model, images, pool, options, names=names[start : start + group], step_progress=batch_progress)
+        for result in results:
+            if feed_back:
+                pool.add([result.final])
+            done += 1
+            if progress is not None:
+                progress("page", done, len(pages))
+            yield result

@@ -11,6 +11,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from .. import runtime
 from ..canvas import center_crop
 from ..errors import IncompatibleWeightsError
 from ..models.color_guider_pixart import ColorGuiderPixArtModel
@@ -65,22 +66,34 @@ class ColorFlowPixArtPipeline(CanvasConditionMixin, DiffusionPipeline):
         """The cached T5 embeddings of the pair (T5 runs, on this pipeline's device and dtype, only on a cache miss)."""
         return self.prompt_encoder.encode(prompt, negative_prompt, device=self.device, dtype=self.transformer.dtype)
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, do_cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T5 states, attention mask), [uncond, cond] under CFG, on this pipeline's device and dtype."""
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str, do_cfg: bool, device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 states, attention mask), [uncond, cond] under CFG, on this pipeline's device and dtype (or those given)."""
+        device = self.device if device is None else device
+        dtype = self.transformer.dtype if dtype is None else dtype
         found = self.prompt_embeddings(prompt, negative_prompt)
         if do_cfg:
             states = torch.cat([found.negative_embeds, found.embeds])
             mask = torch.cat([found.negative_mask, found.mask])
         else:
             states, mask = found.embeds, found.mask
-        return states.to(self.device, self.transformer.dtype), mask.to(self.device)
+        return states.to(device, dtype), mask.to(device)
 
-    def micro_conditions(self, width: int, height: int, batch: int) -> dict[str, torch.Tensor]:
+    def micro_conditions(
+        self, width: int, height: int, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
         """PixArt's resolution / aspect-ratio conditions of the *canvas* (2H, 2W), as upstream passes them."""
-        dtype = self.transformer.dtype
-        resolution = torch.tensor([[height, width]], device=self.device).to(dtype).repeat(batch, 1)
-        aspect = torch.tensor([[float(height / width)]], device=self.device).to(dtype).repeat(batch, 1)
+        device = self.device if device is None else device
+        dtype = self.transformer.dtype if dtype is None else dtype
+        resolution = torch.tensor([[height, width]], device=device).to(dtype).repeat(batch, 1)
+        aspect = torch.tensor([[float(height / width)]], device=device).to(dtype).repeat(batch, 1)
         return {"resolution": resolution, "aspect_ratio": aspect}
+
+    def run_modules(self) -> dict[str, tuple[torch.nn.Module, ...]]:
+        """stage → this pipeline's modules (what a preset stages; T5 is managed by `prompt_encoder`)."""
+        return {"vae": (self.vae,), "denoiser": (self.guider, self.transformer)}
 
     @torch.no_grad()
     def __call__(
@@ -100,52 +113,72 @@ class ColorFlowPixArtPipeline(CanvasConditionMixin, DiffusionPipeline):
         """Denoise the canvas; `generator` draws the initial noise, `posterior_generator` the VAE samples.
 
         `guidance_scale` None = this family's default (4.5); 1.0 runs without CFG (one batch row, half the work).
+        Under a preset (`self.plan`) its guidance scale, if it has one, replaces this one.
         """
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale
-        self.check_inputs(canvas, mask, num_inference_steps, guidance_scale)
+        with runtime.activate(self.plan, size=(canvas.width // 2, canvas.height // 2), guidance=guidance_scale) as run:
+            if run is not None:
+                guidance_scale = run.preset.guidance(guidance_scale)
+            self.check_inputs(canvas, mask, num_inference_steps, guidance_scale)
+            return self._sample(
+                run, canvas, mask, prompt, negative_prompt, num_inference_steps, guidance_scale, guider_scale,
+                generator, posterior_generator, progress,
+            )
+
+    def _sample(
+        self, run, canvas, mask, prompt, negative_prompt, num_inference_steps, guidance_scale, guider_scale,
+        generator, posterior_generator, progress,
+    ) -> ICPResult:
         do_cfg = guidance_scale > 1.0
         batch = 2 if do_cfg else 1
-        prompt_embeds, prompt_mask = self.encode_prompt(prompt, negative_prompt, do_cfg)
+        device = self.device if run is None else run.device
+        dtype = self.transformer.dtype if run is None else run.dtype_for("denoiser", self.transformer)
+        guider_dtype = self.guider.dtype if run is None else run.dtype_for("denoiser", self.guider)
+        encode_once = run is not None and run.preset.encode_once
+        prompt_embeds, prompt_mask = self.encode_prompt(prompt, negative_prompt, do_cfg, device=device, dtype=dtype)
 
         scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        scheduler.set_timesteps(num_inference_steps, device=device)
         width, height = canvas.size
         channels = self.transformer.config.in_channels
-        dtype = self.transformer.dtype
         shape = (1, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents * scheduler.init_noise_sigma
-        condition = self.prepare_condition(canvas, mask, batch, posterior_generator).to(self.guider.dtype)
-        added_cond_kwargs = self.micro_conditions(width, height, batch)
+        condition = self.prepare_condition(canvas, mask, batch, posterior_generator, encode_once).to(device, guider_dtype)
+        added_cond_kwargs = self.micro_conditions(width, height, batch, device=device, dtype=dtype)
         learned_sigma = self.transformer.config.out_channels // 2 == channels
 
         timesteps = scheduler.timesteps
-        for i, t in enumerate(timesteps):
-            model_input = torch.cat([latents] * batch)
-            model_input = scheduler.scale_model_input(model_input, t)
-            timestep = t[None].to(self.device).expand(batch)
-            controls = self.guider(
-                model_input.to(self.guider.dtype), timestep, condition, added_cond_kwargs, conditioning_scale=guider_scale
-            )
-            with inject_controls(self.transformer, controls):
-                noise = self.transformer(
-                    model_input.to(dtype),
-                    encoder_hidden_states=prompt_embeds,
-                    encoder_attention_mask=prompt_mask,
-                    timestep=timestep,
-                    added_cond_kwargs=added_cond_kwargs,
-                    return_dict=False,
-                )[0]
-            if do_cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            if learned_sigma:
-                noise = noise.chunk(2, dim=1)[0]
-            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-            if progress is not None:
-                progress(i + 1, len(timesteps))
+        with runtime.denoise_stage(self.guider, self.transformer):
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * batch)
+                model_input = scheduler.scale_model_input(model_input, t)
+                timestep = t[None].to(device).expand(batch)
+                with runtime.model_turn(self.guider):
+                    controls = self.guider(
+                        model_input.to(guider_dtype), timestep, condition, added_cond_kwargs, conditioning_scale=guider_scale
+                    )
+                with runtime.model_turn(self.transformer):
+                    with inject_controls(self.transformer, controls):
+                        noise = self.transformer(
+                            model_input.to(dtype),
+                            encoder_hidden_states=prompt_embeds,
+                            encoder_attention_mask=prompt_mask,
+                            timestep=timestep,
+                            added_cond_kwargs=added_cond_kwargs,
+                            return_dict=False,
+                        )[0]
+                del controls
+                if do_cfg:
+                    uncond, cond = noise.chunk(2)
+                    noise = uncond + guidance_scale * (cond - uncond)
+                if learned_sigma:
+                    noise = noise.chunk(2, dim=1)[0]
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                if progress is not None:
+                    progress(i + 1, len(timesteps))
 
-        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        decoded = self.decode_latents(latents, run is not None and run.tile_decode((width, height)))
         image = self.image_processor.postprocess(decoded.float(), output_type="pil")[0]
         return ICPResult(canvas=image, query=center_crop(image), latents=latents)

@@ -8,7 +8,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .. import runtime
 from ..canvas import center_crop
+from ..errors import InvalidInputError
 from ..models.color_guider import ColorGuiderSDModel
 from ..models.unet_injection import inject_guider_residuals
 from .condition import CanvasConditionMixin, ICPResult, ProgressFn
@@ -41,18 +43,36 @@ class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
         self._prompt_cache: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: str, negative_prompt: str, do_cfg: bool) -> torch.Tensor:
-        """CLIP text states, [uncond, cond] under CFG; cached per (prompt, negative, device, dtype)."""
-        key = (prompt, negative_prompt, do_cfg, self.device, self.unet.dtype)
+    def encode_prompt(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        do_cfg: bool,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """CLIP text states, [uncond, cond] under CFG; cached per (prompt, negative, device, dtype).
+
+        `device`/`dtype` default to this pipeline's device and the UNet's dtype. The text encoder runs (in its
+        own stage) only on a cache miss."""
+        device = self.device if device is None else torch.device(device)
+        dtype = self.unet.dtype if dtype is None else dtype
+        key = (prompt, negative_prompt, do_cfg, device, dtype)
         if key not in self._prompt_cache:
             texts = [negative_prompt, prompt] if do_cfg else [prompt]
-            ids = self.tokenizer(
-                texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(self.text_encoder.device)
-            # Upstream encodes each prompt on its own; one batch of two gives the same states (no attention mask).
-            states = torch.cat([self.text_encoder(row[None])[0] for row in ids])
-            self._prompt_cache[key] = states.to(self.device, self.unet.dtype)
+            with runtime.stage("text_encoder", self.text_encoder):
+                ids = self.tokenizer(
+                    texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(self.text_encoder.device)
+                # Upstream encodes each prompt on its own; one batch of two gives the same states (no attention mask).
+                states = torch.cat([self.text_encoder(row[None])[0] for row in ids])
+            self._prompt_cache[key] = states.to(device, dtype)
         return self._prompt_cache[key]
+
+    def run_modules(self) -> dict[str, tuple[torch.nn.Module, ...]]:
+        """stage → this pipeline's modules (what a preset stages)."""
+        return {"text_encoder": (self.text_encoder,), "vae": (self.vae,), "denoiser": (self.guider, self.unet)}
 
     @torch.no_grad()
     def __call__(
@@ -69,34 +89,106 @@ class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
         posterior_generator: torch.Generator | None = None,
         progress: ProgressFn | None = None,
     ) -> ICPResult:
-        """Denoise the canvas; `generator` draws the initial noise, `posterior_generator` the VAE samples."""
-        self.check_inputs(canvas, mask, num_inference_steps, guidance_scale)
+        """Denoise the canvas; `generator` draws the initial noise, `posterior_generator` the VAE samples.
+
+        Under a preset (`self.plan`) its guidance scale, if it has one, replaces `guidance_scale`."""
+        return self.sample_pages(
+            [canvas], [mask], generators=[generator], posterior_generators=[posterior_generator], prompt=prompt,
+            negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guider_scale=guider_scale, progress=progress,
+        )[0]
+
+    @torch.no_grad()
+    def sample_pages(
+        self,
+        canvases: list[Image.Image],
+        masks: list[Image.Image],
+        *,
+        generators: list[torch.Generator | None],
+        posterior_generators: list[torch.Generator | None],
+        prompt: str = "manga",
+        negative_prompt: str = "",
+        num_inference_steps: int = 10,
+        guidance_scale: float = 7.5,
+        guider_scale: float = 1.0,
+        progress: ProgressFn | None = None,
+    ) -> list[ICPResult]:
+        """Denoise several same-size canvases as one UNet batch; page i draws its noise from `generators[i]` and its
+        VAE samples from `posterior_generators[i]`, so each result equals that page sampled alone (up to the
+        rounding of a batched convolution)."""
+        if not canvases or not (len(canvases) == len(masks) == len(generators) == len(posterior_generators)):
+            raise InvalidInputError("sample_pages needs one mask and two generators per canvas")
+        if len({c.size for c in canvases}) > 1:
+            raise InvalidInputError("canvases sampled together must have the same size")
+        with runtime.activate(self.plan, size=(canvases[0].width // 2, canvases[0].height // 2), guidance=guidance_scale) as run:
+            preset = run.preset if run is not None else None
+            if preset is not None:
+                guidance_scale = preset.guidance(guidance_scale)
+            for canvas, mask in zip(canvases, masks):
+                self.check_inputs(canvas, mask, num_inference_steps, guidance_scale)
+            return self._sample(
+                run, canvases, masks, generators, posterior_generators, prompt, negative_prompt,
+                num_inference_steps, guidance_scale, guider_scale, progress,
+            )
+
+    def _sample(
+        self, run, canvases, masks, generators, posterior_generators, prompt, negative_prompt,
+        num_inference_steps, guidance_scale, guider_scale, progress,
+    ) -> list[ICPResult]:
         do_cfg = guidance_scale > 1.0
         batch = 2 if do_cfg else 1
-        prompt_embeds = self.encode_prompt(prompt, negative_prompt, do_cfg)
+        pages = len(canvases)
+        device = self.device if run is None else run.device
+        dtype = self.unet.dtype if run is None else run.dtype_for("denoiser", self.unet)
+        encode_once = run is not None and run.preset.encode_once
+        channels_last = run is not None and run.channels_last("denoiser")
+        prompt_embeds = self.encode_prompt(prompt, negative_prompt, do_cfg, device=device, dtype=dtype)
+        if pages > 1:  # rows [uncond × pages, cond × pages], like the model input below
+            prompt_embeds = prompt_embeds.repeat_interleave(pages, dim=0)
 
         scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        width, height = canvas.size
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        width, height = canvases[0].size
         shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        noise_rows = [randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators]
+        latents = noise_rows[0] if pages == 1 else torch.cat(noise_rows)
         latents = latents * scheduler.init_noise_sigma
-        condition = self.prepare_condition(canvas, mask, batch, posterior_generator).to(self.unet.dtype)
+        conditions = [
+            self.prepare_condition(canvas, mask, batch, g, encode_once)
+            for canvas, mask, g in zip(canvases, masks, posterior_generators)
+        ]
+        if pages == 1:
+            condition = conditions[0].to(device, dtype)
+        else:  # rows [row 0 of every page, row 1 of every page]: page i's uncond/cond rows meet its own latents
+            condition = torch.cat([c[r : r + 1] for r in range(batch) for c in conditions]).to(device, dtype)
+        if channels_last:
+            condition = condition.contiguous(memory_format=torch.channels_last)
 
         timesteps = scheduler.timesteps
-        for i, t in enumerate(timesteps):
-            model_input = torch.cat([latents] * batch)
-            model_input = scheduler.scale_model_input(model_input, t)
-            residuals = self.guider(model_input, t, condition, conditioning_scale=guider_scale)
-            with inject_guider_residuals(self.unet, residuals):
-                noise = self.unet(model_input, t, encoder_hidden_states=prompt_embeds).sample
-            if do_cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(noise, t, latents).prev_sample
-            if progress is not None:
-                progress(i + 1, len(timesteps))
+        with runtime.denoise_stage(self.guider, self.unet):
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * batch)
+                model_input = scheduler.scale_model_input(model_input, t)
+                if channels_last:
+                    model_input = model_input.contiguous(memory_format=torch.channels_last)
+                with runtime.model_turn(self.guider):
+                    residuals = self.guider(model_input, t, condition, conditioning_scale=guider_scale)
+                with runtime.model_turn(self.unet):
+                    with inject_guider_residuals(self.unet, residuals):
+                        noise = self.unet(model_input, t, encoder_hidden_states=prompt_embeds).sample
+                del residuals
+                if do_cfg:
+                    uncond, cond = noise.chunk(2)
+                    noise = uncond + guidance_scale * (cond - uncond)
+                latents = scheduler.step(noise, t, latents).prev_sample
+                if progress is not None:
+                    progress(i + 1, len(timesteps))
 
-        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        image = self.image_processor.postprocess(decoded.float(), output_type="pil")[0]
-        return ICPResult(canvas=image, query=center_crop(image), latents=latents)
+        tiled = run is not None and run.tile_decode((width, height))
+        results = []
+        for row in range(pages):
+            page_latents = latents if pages == 1 else latents[row : row + 1]
+            decoded = self.decode_latents(page_latents, tiled)
+            image = self.image_processor.postprocess(decoded.float(), output_type="pil")[0]
+            results.append(ICPResult(canvas=image, query=center_crop(image), latents=page_latents))
+        return results

@@ -7,8 +7,10 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
+from .. import runtime
 from ..canvas import split_canvas
 from ..errors import InvalidInputError
 
@@ -27,6 +29,10 @@ class ICPResult:
 class CanvasConditionMixin:
     """Mixed into a DiffusionPipeline that has `vae`, `image_processor` and `vae_scale_factor`."""
 
+    #: The preset this pipeline object runs under (set on the shallow copies `ColorFlowModel.with_preset` makes;
+    #: None = the plain, faithful pipeline).
+    plan: "runtime.RunPlan | None" = None
+
     def check_inputs(self, canvas: Image.Image, mask: Image.Image, steps: int, guidance_scale: float) -> None:
         """Reject canvases and options the sampler cannot use, with a one-line reason."""
         width, height = canvas.size
@@ -39,23 +45,46 @@ class CanvasConditionMixin:
         if guidance_scale < 1.0:
             raise InvalidInputError("guidance scale must be >= 1.0 (1.0 turns classifier-free guidance off)")
 
-    def _encode_image(self, image: Image.Image, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    def _encode_image(
+        self, image: Image.Image, batch: int, generator: torch.Generator | None, encode_once: bool = False
+    ) -> torch.Tensor:
         pixels = self.image_processor.preprocess(image, height=image.size[1], width=image.size[0])
-        pixels = pixels.to(self.device, self.vae.dtype).repeat(batch, 1, 1, 1)
-        return self.vae.encode(pixels).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        pixels = pixels.to(self.vae.device, self.vae.dtype)
+        if not encode_once:  # upstream: a batch of `batch` identical copies, each encoded
+            return self.vae.encode(pixels.repeat(batch, 1, 1, 1)).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        # Encoded once; the rows are sampled from the same moments with one draw of the batch shape, so the
+        # random numbers (and the generator's state afterwards) are the ones upstream's batch encode uses.
+        moments = self.vae.encode(pixels).latent_dist.parameters
+        posterior = DiagonalGaussianDistribution(moments.expand(batch, -1, -1, -1))
+        return posterior.sample(generator) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def prepare_condition(
-        self, canvas: Image.Image, mask: Image.Image, batch: int, generator: torch.Generator | None
+        self,
+        canvas: Image.Image,
+        mask: Image.Image,
+        batch: int,
+        generator: torch.Generator | None,
+        encode_once: bool = False,
     ) -> torch.Tensor:
         """The guider's 9 channels: [latent of the references-only canvas, keep-mask, latent of the query-only canvas].
 
         The two VAE samples are drawn in that order from `generator` (upstream: the global RNG), `batch` rows each.
+        `encode_once` encodes each half once instead of `batch` identical copies (same draws, less work and memory).
         """
         references, query = split_canvas(canvas)
-        latent_refs = self._encode_image(references, batch, generator)
-        latent_query = self._encode_image(query, batch, generator)
+        with runtime.stage("vae", self.vae):
+            latent_refs = self._encode_image(references, batch, generator, encode_once)
+            latent_query = self._encode_image(query, batch, generator, encode_once)
         white = torch.from_numpy(np.asarray(mask.convert("RGB"))[:, :, 0].copy()).float().div(255)
-        keep = (1 - white)[None, None].repeat(batch, 1, 1, 1).to(self.device)
+        keep = (1 - white)[None, None].repeat(batch, 1, 1, 1).to(latent_refs.device)
         keep = F.interpolate(keep, size=latent_refs.shape[-2:], mode="bilinear", align_corners=False)
         return torch.cat([latent_refs, keep.to(latent_refs.dtype), latent_query], dim=1)
+
+    def decode_latents(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """VAE decode of sampler latents (divided by the scaling factor here) in the "vae" stage; tiled when asked."""
+        with runtime.stage("vae", self.vae):
+            z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
+            if tiled:
+                return self.vae.tiled_decode(z).sample
+            return self.vae.decode(z).sample

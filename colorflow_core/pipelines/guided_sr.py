@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from .. import runtime
 from ..models.fusion import MultiHiddenResNetModel
 from ..models.guided_vae import decode_with_features, encode_with_features
 
@@ -35,12 +36,31 @@ def batch_statistics(module: torch.nn.Module) -> Iterator[None]:
             m.track_running_stats = tracking
 
 
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """The module in eval mode for the block, its training flags restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.train(training)
+
+
 class GuidedSuperResolver:
     """VAE + fusion net: colour from the low-res ICP result, lines from the 1.5× gray page."""
+
+    #: The preset this object runs under (set on `ColorFlowModel.with_preset` copies; None = plain and faithful).
+    plan: "runtime.RunPlan | None" = None
 
     def __init__(self, vae: AutoencoderKL, fusion: MultiHiddenResNetModel):
         self.vae = vae
         self.fusion = fusion
+
+    def run_modules(self) -> dict[str, tuple[torch.nn.Module, ...]]:
+        """stage → the modules a preset stages."""
+        return {"vae": (self.vae,), "fusion": (self.fusion,)}
 
     @torch.no_grad()
     def __call__(
@@ -52,20 +72,37 @@ class GuidedSuperResolver:
         sample_posterior: bool = True,
         batch_stat_norm: bool = True,
     ) -> Image.Image:
-        """The colour page at the guide's size. Defaults are upstream's: sampled latent, batch-statistics BN."""
-        device, dtype = self.vae.device, self.vae.dtype
+        """The colour page at the guide's size. Defaults are upstream's: sampled latent, batch-statistics BN.
+
+        Runs in stages (VAE encode → fusion → VAE decode), each model on the device only for its stage under an
+        offloading preset, and frees every feature map as soon as it is fused (upstream's numbers, less memory)."""
+        with runtime.activate(self.plan, size=(int(guide.width / 1.5), int(guide.height / 1.5))):
+            return self._run_stages(lowres, guide, generator, sample_posterior, batch_stat_norm)
+
+    def _run_stages(
+        self, lowres: Image.Image, guide: Image.Image, generator: torch.Generator | None, sample_posterior: bool,
+        batch_stat_norm: bool,
+    ) -> Image.Image:
         upscaled = lowres.convert("RGB").resize(guide.size)
-        color = to_unit_tensor(upscaled).to(device, dtype)
-        gray = to_unit_tensor(guide).to(device, dtype)
-        posterior, color_features = encode_with_features(self.vae, color)
-        _, gray_features = encode_with_features(self.vae, gray)
-        features = [torch.cat([c, g], dim=1).to(self.fusion.dtype) for c, g in zip(color_features, gray_features)]
-        if batch_stat_norm:
-            with batch_statistics(self.fusion):
-                additions = self.fusion(features)
-        else:
-            additions = self.fusion.eval()(features)
-        latent = posterior.sample(generator) if sample_posterior else posterior.mode()
-        out = decode_with_features(self.vae, latent, [a.to(dtype) for a in additions])
+        with runtime.stage("vae", self.vae):
+            device, dtype = self.vae.device, self.vae.dtype
+            posterior, color_features = encode_with_features(self.vae, to_unit_tensor(upscaled).to(device, dtype))
+            _, gray_features = encode_with_features(self.vae, to_unit_tensor(guide).to(device, dtype))
+            latent = posterior.sample(generator) if sample_posterior else posterior.mode()
+            del posterior
+        with runtime.stage("fusion", self.fusion):
+            fusion_device, fusion_dtype = self.fusion.device, self.fusion.dtype
+            additions = []
+            with batch_statistics(self.fusion) if batch_stat_norm else eval_mode(self.fusion):
+                for level, net in enumerate(self.fusion.two_layer_resnets[: len(color_features)]):
+                    feature = torch.cat([color_features[level], gray_features[level]], dim=1).to(fusion_device, fusion_dtype)
+                    color_features[level] = gray_features[level] = None
+                    additions.append(net(feature))
+                    del feature
+            del color_features, gray_features
+        with runtime.stage("vae", self.vae):
+            device, dtype = self.vae.device, self.vae.dtype
+            out = decode_with_features(self.vae, latent.to(device, dtype), [a.to(device, dtype) for a in additions])
+        del additions
         out = out.float().clamp(-1, 1)[0].permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(((out * 0.5 + 0.5) * 255).astype(np.uint8))
