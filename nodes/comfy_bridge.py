@@ -105,6 +105,16 @@ def intermediate_device() -> torch.device:
     return model_management.intermediate_device() if in_comfyui() else torch.device("cpu")
 
 
+def offload_device() -> torch.device:
+    """Where ComfyUI keeps idle model weights (the CPU, unless it runs with --highvram / --gpu-only)."""
+    return model_management.unet_offload_device() if in_comfyui() else torch.device("cpu")
+
+
+def low_vram_mode() -> bool:
+    """Whether ComfyUI was started to save VRAM (--lowvram / --novram)."""
+    return in_comfyui() and model_management.vram_state.name in ("LOW_VRAM", "NO_VRAM")
+
+
 def auto_dtype(device: torch.device) -> torch.dtype:
     """ComfyUI's choice of half precision for `device`; float16 on CUDA and float32 elsewhere when standalone."""
     if in_comfyui():

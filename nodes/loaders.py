@@ -7,7 +7,9 @@ from ..colorflow_core.errors import MissingWeightsError
 from ..colorflow_core.loading import DTYPES, STYLE_FOLDERS, STYLE_GUIDANCE, ColorFlowModel, load_colorflow
 from ..colorflow_core.loading_pixart import PIXART_REPO
 from ..colorflow_core.preprocessors import ERIKA_FILE, Preprocessors
+from ..colorflow_core.presets import PRESET_NAMES, describe_presets, get_preset
 from ..colorflow_core.retrieval.encoders import ReleaseClipEncoder
+from ..colorflow_core.runtime import Placement
 from ..colorflow_core.weights import COLORFLOW_REPO, SD15_REPO
 from . import comfy_bridge, inputs, model_choices
 from .clip_vision import ClipVisionEncoder
@@ -63,6 +65,11 @@ class ColorFlowModelLoader:
                     "are cached beside it) under models/diffusers/ or models/colorflow/."
                 ),
             }),
+            "preset": (list(PRESET_NAMES), {
+                "default": PRESET_NAMES[0],
+                "tooltip": " ".join(f"'{name}': {text}." for name, text in describe_presets().items())
+                + " ComfyUI's --lowvram / --novram also keeps idle weights off the GPU under any preset.",
+            }),
         }}
 
     RETURN_TYPES = ("COLORFLOW_MODEL", "COLORFLOW_ENCODER")
@@ -74,9 +81,13 @@ class ColorFlowModelLoader:
         "'gray' on an SD1.5 base, 'sketch' / 'sketch_shading' on a PixArt-α base."
     )
 
-    def load(self, snapshot: str, base: str, style: str, dtype: str, device: str, auto_download: bool, pixart_base: str | None = None):
+    def load(self, snapshot: str, base: str, style: str, dtype: str, device: str, auto_download: bool,
+             pixart_base: str | None = None, preset: str | None = None):
         """Load and return (model, its retrieval encoder)."""
         target = inputs.device(device)
+        run_preset = get_preset(preset)
+        if comfy_bridge.low_vram_mode():
+            run_preset = run_preset.offloaded()
         if style == "gray":
             base_location = _location(base, model_choices.base_path(base), SD15_REPO, auto_download)
         else:
@@ -90,6 +101,8 @@ class ColorFlowModelLoader:
             dtype=comfy_bridge.auto_dtype(target) if dtype == "auto" else dtype,
             allow_download=auto_download,
             download_dir=comfy_bridge.model_folders("colorflow")[0],
+            preset=run_preset,
+            placement=Placement(target, comfy_bridge.offload_device()),
         )
         _line_extractor_fallback(model)
         return (model, model.encoder)

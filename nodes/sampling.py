@@ -104,7 +104,8 @@ class ColorFlowGuidedUpscale:
                 deterministic=bool(screen_deterministic),
             )
             canvas_size = (2 * colour.width, 2 * colour.height)
-            generator = gsrp_generator(seed, model.device, canvas_size, cfg=sampler_guidance > 1.0)
+            cfg = model.effective_guidance(sampler_guidance) > 1.0  # the 'fast' preset samples without CFG
+            generator = gsrp_generator(seed, model.device, canvas_size, cfg=cfg)
             finals.append(model.upscaler(colour, guide, generator=generator, sample_posterior=sample_posterior))
             progress(index + 1, len(pairs))
         comfy_bridge.soft_empty_cache()
@@ -136,6 +137,13 @@ class ColorFlowColorizeSequence:
             }),
         }, "optional": {
             "screen_deterministic": inputs.SCREEN_DETERMINISTIC,
+            "page_batch": ("INT", {
+                "default": 1, "min": 1, "max": 16,
+                "tooltip": (
+                    "Denoise this many pages as one UNet batch (gray style): faster on a GPU that one page does not fill, "
+                    "more memory, the same result per page. Pages run one at a time with feed_back."
+                ),
+            }),
         }}
 
     RETURN_TYPES = ("IMAGE",)
@@ -145,12 +153,13 @@ class ColorFlowColorizeSequence:
     DESCRIPTION = "Colourises a chapter against a reference pool, page after page with one seed; returns the pages at 1.5× the canvas page size."
 
     def colorize(self, model, pool, pages, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back,
-                 screen_deterministic=None):
+                 screen_deterministic=None, page_batch=None):
         """Return the colourised pages as one batch; every argument arrives as a list (INPUT_IS_LIST)."""
         model, pool, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back = (
             values[0] for values in (model, pool, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back)
         )
         screen_deterministic = bool(screen_deterministic[0]) if screen_deterministic else False
+        page_batch = page_batch[0] if page_batch else 1
         pictures = [picture for batch in pages for picture in images_to_pil(batch)]
         if not pictures:
             raise InvalidInputError("no pages to colorize")
@@ -175,6 +184,7 @@ class ColorFlowColorizeSequence:
                 progress(pages_done[0] * steps + done, total)
 
         work_pool = pool.fork() if feed_back else pool
-        finals = [r.final for r in colorize_pages(model, pictures, work_pool, options, feed_back=feed_back, progress=report)]
+        results = colorize_pages(model, pictures, work_pool, options, feed_back=feed_back, progress=report, page_batch=page_batch)
+        finals = [r.final for r in results]
         comfy_bridge.soft_empty_cache()
         return (pil_to_images(finals),)

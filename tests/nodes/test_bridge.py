@@ -26,6 +26,8 @@ def fake_comfy(monkeypatch, tmp_path):
         should_use_fp16=lambda device: False,
         should_use_bf16=lambda device: True,
         soft_empty_cache=lambda: calls.append("soft_empty_cache"),
+        unet_offload_device=lambda: torch.device("cpu"),
+        vram_state=types.SimpleNamespace(name="NORMAL_VRAM"),
         throw_exception_if_processing_interrupted=lambda: calls.append("interrupt_check"),
     )
 
@@ -77,6 +79,7 @@ def test_fallbacks_without_comfyui(pack, comfy_base):
     assert bridge.model_file("checkpoints", "missing.safetensors") is None
     assert bridge.custom_node_folders() == [comfy_base / "custom_nodes"]
     assert bridge.intermediate_device() == torch.device("cpu")
+    assert bridge.offload_device() == torch.device("cpu") and not bridge.low_vram_mode()
     assert bridge.auto_dtype(torch.device("cpu")) == torch.float32
     bridge.progress_bar(3)(1, 3)
     bridge.check_interrupt()
@@ -97,6 +100,9 @@ def test_inside_comfyui_registers_folder_and_uses_its_services(fake_comfy):
     assert bridge.model_files("checkpoints") == ["v1-5.safetensors"]
     assert bridge.input_directory() == root / "in" and bridge.user_directory() == root / "user"
     assert bridge.auto_dtype(torch.device("cpu")) == torch.bfloat16
+    assert bridge.offload_device() == torch.device("cpu") and not bridge.low_vram_mode()
+    bridge.model_management.vram_state = types.SimpleNamespace(name="LOW_VRAM")
+    assert bridge.low_vram_mode()
     progress = bridge.progress_bar(4)
     progress(2, 4)
     bridge.check_interrupt()

@@ -289,6 +289,41 @@ def test_staged_nodes_reproduce_the_sequence_node(pack, loaded, pool, pages):
     assert model_state(model) == before
 
 
+def test_fast_preset_loader_runs_the_staged_nodes_like_the_sequence_node(pack, loaded, pool, pages):
+    fast = pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]().load(RELEASE, BASE, "gray", "float32", "cpu", False, None, "fast")[0]
+    assert fast.preset.name == "fast" and fast.plan is not None
+    canvas, mask, _ = stitch(pack, pool, pages)
+    # The user leaves guidance at 7.5: the fast preset samples without CFG, and GSRP must continue that stream.
+    _, low = run(pack, "ColorFlowSampler", fast, canvas, mask, 5, STEPS, 7.5, 1.0)
+    (staged,) = run(pack, "ColorFlowGuidedUpscale", fast, low, pages, 5, 7.5, "gray", True)
+    (chapter,) = run(pack, "ColorFlowColorizeSequence", [fast], [pool], [pages], [5], [STEPS], [7.5], [1.0],
+                     ["custom"], [W], [H], ["gray"], [False])
+    assert torch.equal(staged, chapter)
+    (faithful,) = run(pack, "ColorFlowColorizeSequence", [loaded[0]], [pool], [pages], [5], [STEPS], [7.5], [1.0],
+                      ["custom"], [W], [H], ["gray"], [False])
+    assert not torch.equal(chapter, faithful)
+
+
+def test_comfyui_low_vram_mode_offloads_under_any_preset_with_the_same_numerics(pack, monkeypatch):
+    monkeypatch.setattr(pack.nodes.comfy_bridge, "low_vram_mode", lambda: True)
+    loader = pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]()
+    faithful = loader.load(RELEASE, BASE, "gray", "float32", "cpu", False)[0].preset
+    assert (faithful.name, faithful.offload, faithful.compute_dtype, faithful.guidance_scale) == ("faithful", "stage", None, None)
+    fast = loader.load(RELEASE, BASE, "gray", "float32", "cpu", False, None, "fast")[0].preset
+    assert (fast.offload, fast.keep_copies, fast.guidance_scale) == ("stage", False, 1.0)
+
+
+def test_sequence_page_batch_gives_the_pages_of_one_at_a_time(pack, loaded, pool, pages, monkeypatch):
+    reports = []
+    monkeypatch.setattr(pack.nodes.comfy_bridge, "progress_bar", lambda total: lambda done, of: reports.append((done, of)))
+    arguments = [[loaded[0]], [pool], [pages], [0], [STEPS], [1.0], [1.0], ["custom"], [W], [H], ["gray"], [False]]
+    (single,) = run(pack, "ColorFlowColorizeSequence", *arguments)
+    reports.clear()
+    (batched,) = run(pack, "ColorFlowColorizeSequence", *arguments, None, [2])
+    assert reports == [(2 * step, 2 * STEPS) for step in range(1, STEPS + 1)]
+    assert (batched - single).abs().max() <= 1 / 255 + 1e-6
+
+
 def test_feed_back_never_changes_the_saved_pool(pack, loaded, pool, pages):
     before, count = snapshot(pool.store), len(pool)
     (chapter,) = run(pack, "ColorFlowColorizeSequence", [loaded[0]], [pool], [pages], [0], [STEPS], [1.0], [1.0],
