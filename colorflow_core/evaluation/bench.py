@@ -333,13 +333,30 @@ class PipelineBench:
     seed: int = 0
     colorflow: str | None = None
     base: str | None = None
+    #: "tiny" (random test weights), "random-sd15" (random weights at the real SD1.5 widths, built in memory) or
+    #: "release" (`colorflow` + `base`).
+    weights: str = "tiny"
 
 
 def load_model(config: PipelineBench, workdir: Path):
     """(model, description of the weights, load seconds); tiny random weights written to `workdir` by default."""
-    from ..loading import load_colorflow
+    from ..loading import load_colorflow, resolve_dtype
     from ..tiny import write_tiny_release
 
+    if config.weights == "random-sd15":
+        from .realsize import build_random_sd15
+
+        if config.style != "gray":
+            raise ValueError("random-sd15 weights exist for the gray (SD1.5) style only")
+        start = time.perf_counter()
+        model = build_random_sd15(workdir / "random-sd15", seed=config.seed)
+        dtype = resolve_dtype(config.dtype)
+        for module in (*model.pipeline.components.values(), model.upscaler.fusion):
+            if isinstance(module, torch.nn.Module):
+                module.to(config.device) if dtype == torch.float32 else module.to(config.device, dtype)
+        model.encoder.model.to(config.device)
+        weights = "random weights at SD1.5 widths (colorflow_core.evaluation.realsize, LoRA r64, tiny retrieval CLIP)"
+        return model, weights, time.perf_counter() - start
     if config.colorflow is None:
         release, base = write_tiny_release(workdir / "tiny", seed=config.seed)
         if config.style != "gray":
@@ -394,52 +411,74 @@ def bare_forwards(model: Any, canvas, mask, config: PipelineBench, recorder: Rec
     return {"median_s": statistics.median(times), "min_s": min(times), "samples": len(times)}
 
 
-def run_pipeline_bench(config: PipelineBench, workdir: Path | None = None, loaded: tuple | None = None) -> dict:
-    """Median per-stage wall time and peak memory of `colorize_page` on one synthetic page.
-
-    `loaded` = `load_model(config, workdir)`'s result, to reuse a model already loaded."""
+def _inputs(config: PipelineBench):
+    """(references, page, options) of the benchmark page."""
     from ..options import ColorizeOptions
+
+    chapter = _chapter(config)
+    references = [page.color for page in chapter.references]
+    page = chapter.pages[0].input(config.input_style)
+    options = ColorizeOptions(size=(config.width, config.height), steps=config.steps, seed=config.seed,
+                              guidance_scale=config.guidance, guider_scale=config.guider_scale,
+                              preprocess=config.preprocess)
+    return references, page, options
+
+
+def measure_page(model: Any, references: list, page: Any, options: Any, recorder: Recorder, record: bool = True):
+    """One instrumented `colorize_page`; a fresh pool and an empty prompt cache, so every run embeds the references
+    and encodes the prompt. Returns the `PageResult`."""
     from ..retrieval import ReferencePool
     from ..sequence import colorize_page
 
+    pool = ReferencePool(TimedEncoder(model.encoder, recorder))
+    pool.add(references)
+    getattr(model.pipeline, "_prompt_cache", {}).clear()
+    with instrument(model, pool, recorder) as (timed_model, step_progress), recorder.run(record):
+        with recorder.stage("page"):
+            return colorize_page(timed_model, page, pool, options, name="bench", step_progress=step_progress)
+
+
+def run_pipeline_bench(
+    config: PipelineBench, workdir: Path | None = None, loaded: tuple | None = None, keep: list | None = None
+) -> dict:
+    """Median per-stage wall time and peak memory of `colorize_page` on one synthetic page.
+
+    `loaded` = `load_model(config, workdir)`'s result, to reuse a model already loaded (or a preset view of one).
+    `keep`, when given, receives the last measured `PageResult`."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="colorflow-bench-")))
         model, weights, load_s = loaded if loaded is not None else load_model(config, workdir)
-        chapter = _chapter(config)
-        references = [page.color for page in chapter.references]
-        page = chapter.pages[0].input(config.input_style)
-        options = ColorizeOptions(size=(config.width, config.height), steps=config.steps, seed=config.seed,
-                                  guidance_scale=config.guidance, guider_scale=config.guider_scale,
-                                  preprocess=config.preprocess)
+        references, page, options = _inputs(config)
         recorder = Recorder(model.device)
         last = None
         for index in range(config.warmup + config.repeats):
-            record = index >= config.warmup
-            # A fresh pool and an empty prompt cache: every run embeds the references and encodes the prompt.
-            pool = ReferencePool(TimedEncoder(model.encoder, recorder))
-            pool.add(references)
-            getattr(model.pipeline, "_prompt_cache", {}).clear()
-            with instrument(model, pool, recorder) as (timed_model, step_progress), recorder.run(record):
-                with recorder.stage("page"):
-                    last = colorize_page(timed_model, page, pool, options, name="bench", step_progress=step_progress)
-        stages = recorder.summary()
-        denoiser = denoiser_attr(model.pipeline)
-        if denoiser == "unet":
-            bare = bare_forwards(model, last.canvas.image, last.canvas.mask, config, Recorder(model.device, memory=False))
-        else:
-            bare = None
-        step_names = [n for n in stages if n.startswith("step_")]
-        step_times = [s for run in recorder.runs for n, (s, _) in run.items() if n.startswith("step_")]
-        step_median = statistics.median(step_times)
-        # Paired within each run: (all steps − the forwards inside them) / the forwards.
-        paired = []
-        for run in recorder.runs:
-            steps_s = sum(s for n, (s, _) in run.items() if n.startswith("step_"))
-            forwards_s = run["guider_forward"][0] + run[f"{denoiser}_forward"][0]
-            paired.append((steps_s / forwards_s - 1, forwards_s / config.steps))
-        overhead = statistics.median(p[0] for p in paired)
-        forward_median = statistics.median(p[1] for p in paired)
+            last = measure_page(model, references, page, options, recorder, record=index >= config.warmup)
+        if keep is not None:
+            keep.append(last)
+        return summarize_pipeline(config, model, recorder, last, weights, load_s)
+
+
+def summarize_pipeline(config: PipelineBench, model: Any, recorder: Recorder, last: Any, weights: str, load_s: float) -> dict:
+    """The `pipeline` block of the result from a recorder's runs (and the bare forwards, for a plain SD model)."""
+    stages = recorder.summary()
+    denoiser = denoiser_attr(model.pipeline)
+    if denoiser == "unet" and model.plan is None:
+        bare = bare_forwards(model, last.canvas.image, last.canvas.mask, config, Recorder(model.device, memory=False))
+    else:
+        bare = None
+    step_names = [n for n in stages if n.startswith("step_")]
+    step_times = [s for run in recorder.runs for n, (s, _) in run.items() if n.startswith("step_")]
+    step_median = statistics.median(step_times)
+    # Paired within each run: (all steps − the forwards inside them) / the forwards.
+    paired = []
+    for run in recorder.runs:
+        steps_s = sum(s for n, (s, _) in run.items() if n.startswith("step_"))
+        forwards_s = run["guider_forward"][0] + run[f"{denoiser}_forward"][0]
+        paired.append((steps_s / forwards_s - 1, forwards_s / config.steps))
+    overhead = statistics.median(p[0] for p in paired)
+    forward_median = statistics.median(p[1] for p in paired)
+    after = [run["icp"][0] - run.get("text_encode", (0.0, None))[0] + run["gsrp"][0] for run in recorder.runs]
     return {
         "config": dataclasses.asdict(config),
         "weights": weights,
@@ -456,10 +495,198 @@ def run_pipeline_bench(config: PipelineBench, workdir: Path | None = None, loade
             "overhead_vs_bare_forwards": step_median / bare["median_s"] - 1 if bare else None,
             "overhead_vs_bare_forwards_min": min(step_times) / bare["min_s"] - 1 if bare else None,
         },
+        "after_retrieval": {"median_s": statistics.median(after), "min_s": min(after), "runs_s": [round(a, 6) for a in after]},
         "notes": [
             "text_encode is measured with the prompt cache cleared; a real run encodes the prompt once per process",
             "embed_references is a cold pool (no store); see embedding_cache for the cached case",
             "guider_forward/unet_forward (transformer_forward for PixArt styles) are summed over all steps of a run",
+            "after_retrieval = icp - text_encode + gsrp (VAE encode, denoising, decode, GSRP, and any weight staging)",
+        ],
+    }
+
+
+# --------------------------------------------------------------------------------------------- presets side by side
+def parse_preset_spec(spec: str):
+    """'fast' or 'fast:compute_dtype=float32:merge_lora=false' → the Preset (fields changed as given)."""
+    from ..presets import get_preset
+
+    name, *changes = spec.split(":")
+    fields = {}
+    for change in changes:
+        key, _, raw = change.partition("=")
+        value: Any = raw
+        if raw.lower() in ("none", "null"):
+            value = None
+        elif raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            try:
+                value = float(raw)
+            except ValueError:
+                pass
+        fields[key] = value
+    return get_preset(name, **fields)
+
+
+def image_psnr(a, b) -> float:
+    """PSNR (dB) of two uint8 images of the same size; inf when identical."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _weight_device(model) -> torch.device:
+    return next(model.pipeline.guider.parameters()).device
+
+
+def _move(model, device: torch.device) -> None:
+    """Move every model of `model` to `device` (same dtype: exact both ways)."""
+    for modules in model.run_modules().values():
+        for module in modules:
+            module.to(device)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc `malloc_trim`), so that a later stage's RSS
+    peak is not inflated by memory an earlier one freed but the allocator kept."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _preset_view(model: Any, preset: Any) -> Any:
+    """The model's view under `preset`; an offloading preset computes where the weights live now."""
+    from .. import runtime
+
+    home = _weight_device(model)
+    offload = preset.offload != "none" and home.type != "cpu"
+    return model.with_preset(preset, runtime.Placement(home) if offload else None)
+
+
+@contextlib.contextmanager
+def _offloaded(model: Any, view: Any) -> Iterator[None]:
+    """An offloading preset measures what `load_colorflow(preset=...)` gives on an accelerator: for the block, the
+    weights wait on the CPU (moved there and back, same dtype: exact)."""
+    plan = view.plan
+    offload = plan is not None and plan.preset.offload != "none" and plan.placement.device.type != "cpu"
+    if offload:
+        _move(model, plan.placement.offload_device)
+    try:
+        yield
+    finally:
+        if offload:
+            _move(model, plan.placement.device)
+
+
+def _preset_entry(config: PipelineBench, spec: str, view: Any, measured: dict) -> dict:
+    from .. import memory
+
+    preset = parse_preset_spec(spec)
+    entry = {
+        "preset": dataclasses.asdict(preset),
+        "picked": None,
+        "stages": measured["stages"],
+        "after_retrieval": measured["after_retrieval"],
+        "steps": {k: measured["steps"][k] for k in ("median_step_s", "min_step_s", "median_forwards_in_step_s")},
+        "page_peak_mb": measured["stages"]["page"]["peak_mb"],
+        "page_growth_mb": measured["stages"]["page"]["growth_mb"],
+    }
+    if preset.is_auto and view.plan is not None:
+        entry["picked"] = memory.choose_preset(view.plan, (config.width, config.height), config.guidance).name
+    return entry
+
+
+def _isolated_preset(config: PipelineBench, spec: str, workdir: str) -> tuple[dict, bytes, str, float]:
+    """One preset in a fresh process (so its RSS owes nothing to another preset):
+    (entry, final page as PNG, weights description, load seconds)."""
+    import io
+
+    loaded = load_model(config, Path(workdir))
+    view = _preset_view(loaded[0], parse_preset_spec(spec))
+    with _offloaded(loaded[0], view):
+        keep: list = []
+        measured = run_pipeline_bench(config, Path(workdir), (view, *loaded[1:]), keep=keep)
+        entry = _preset_entry(config, spec, view, measured)
+    buffer = io.BytesIO()
+    keep[0].final.save(buffer, format="PNG")
+    return entry, buffer.getvalue(), loaded[1], loaded[2]
+
+
+def run_preset_bench(
+    config: PipelineBench, workdir: Path, loaded: tuple | None, specs: Sequence[str], isolate: bool = False
+) -> dict:
+    """Each preset (spec, see `parse_preset_spec`) on the same page and seed: per-stage times and peaks, the time
+    after retrieval, and the final page's PSNR against the `faithful` run (the first spec when none is 'faithful').
+
+    In one process (default) every preset uses the same loaded model; after the warm-up pages the measured pages
+    go round-robin over the presets, so load changes on a shared machine spread over all of them. RSS peaks are
+    then not comparable between presets on the CPU (freed memory stays in the process); `isolate` runs each
+    preset in its own fresh process instead (the model is loaded again there, identically), one after another.
+    """
+    from PIL import Image
+
+    reference = "faithful" if "faithful" in specs else specs[0]
+    order = [reference] + [s for s in specs if s != reference]
+    runs: dict[str, dict] = {}
+    finals = {}
+    if isolate:
+        import io
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        weights, load_s = config.weights, 0.0
+        for spec in order:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                entry, png, weights, load_s = pool.submit(
+                    _isolated_preset, config, spec, str(workdir / f"isolated-{len(runs)}")
+                ).result()
+            runs[spec], finals[spec] = entry, Image.open(io.BytesIO(png)).convert("RGB")
+    else:
+        model, weights, load_s = loaded
+        references, page, options = _inputs(config)
+        views = {spec: _preset_view(model, parse_preset_spec(spec)) for spec in order}
+        recorders = {spec: Recorder(model.device) for spec in order}
+        last: dict = {}
+        for round_index in range(config.warmup + config.repeats):
+            for spec in order:
+                with _offloaded(model, views[spec]):
+                    release_memory()
+                    last[spec] = measure_page(views[spec], references, page, options, recorders[spec],
+                                              record=round_index >= config.warmup)
+        for spec in order:
+            measured = summarize_pipeline(config, views[spec], recorders[spec], last[spec], weights, load_s)
+            runs[spec] = _preset_entry(config, spec, views[spec], measured)
+            finals[spec] = last[spec].final
+    base = runs[reference]["after_retrieval"]["median_s"]
+    for spec, entry in runs.items():
+        value = float(image_psnr(finals[spec], finals[reference]))
+        entry["identical_to_reference"] = bool(value == float("inf"))
+        entry["psnr_vs_faithful_db"] = None if value == float("inf") else round(value, 3)
+        entry["after_retrieval_ratio"] = entry["after_retrieval"]["median_s"] / base
+    return {
+        "config": dataclasses.asdict(config),
+        "weights": weights,
+        "load_s": round(load_s, 3),
+        "reference": reference,
+        "order": order,
+        "isolated": isolate,
+        "memory": "cuda_max_memory_allocated" if str(config.device).startswith("cuda") else "process_rss_hwm",
+        "presets": runs,
+        "notes": [
+            "same page and seed for every preset; " + (
+                "each preset in its own process, one after another" if isolate else
+                "one loaded model; measured pages round-robin over the presets after the warm-up"),
+            "after_retrieval = icp - text_encode + gsrp (VAE encode, denoising, decode, GSRP, and any weight staging)",
+            "PSNR of each preset's final page against the reference preset's (identical_to_reference when equal)",
+            "CPU RSS peaks are comparable between presets only when isolated",
         ],
     }
 
@@ -601,6 +828,9 @@ def format_bench(result: dict) -> str:
                      + (f"; bare forwards {1e3 * st['bare_forwards']['median_s']:.2f} ms "
                         f"(overhead {100 * st['overhead_vs_bare_forwards']:+.1f}% median, "
                         f"{100 * st['overhead_vs_bare_forwards_min']:+.1f}% min)" if st["bare_forwards"] else ""))
+    presets = result.get("presets")
+    if presets:
+        lines.extend(format_presets(presets))
     cache = result.get("embedding_cache")
     if cache:
         lines.append(f"embedding cache: first run embedded {cache['first_run_embedded']} images, second run "
@@ -615,6 +845,45 @@ def format_bench(result: dict) -> str:
             lines.append(f"{row['pool']:>8}{row['dim']:>6}{row['queries_per_search']:>9}{row['faiss_threads']:>9}"
                          f"{row['median_ms_per_search']:>11.2f}{per_query:>18}{'' if base is None else f'{base:>12.2f}'}")
     return "\n".join(lines)
+
+
+def format_presets(block: dict) -> list[str]:
+    """The presets side by side: median ms and peak MiB per stage, time after retrieval, PSNR."""
+    c = block["config"]
+    order = block["order"]
+    lines = [f"presets: {block['weights']}; {c['width']}x{c['height']} {c['style']} {c['dtype']} {c['device']} "
+             f"steps={c['steps']} guidance={c['guidance']} repeats={c['repeats']} warmup={c['warmup']}; memory={block['memory']}"]
+    header = f"{'stage':<18}" + "".join(f"{name[-32:]:>34}" for name in order)
+    lines.append(header)
+    lines.append(f"{'':<18}" + "".join(f"{'median ms':>24}{'peak MiB':>10}" for _ in order))
+    names: list[str] = []
+    for spec in order:
+        names += [n for n in block["presets"][spec]["stages"] if n not in names]
+    for name in names:
+        row = f"{name:<18}"
+        for spec in order:
+            stage = block["presets"][spec]["stages"].get(name)
+            if stage is None:
+                row += f"{'-':>24}{'':>10}"
+                continue
+            peak = "" if stage["peak_mb"] is None else f"{stage['peak_mb']:.0f}"
+            row += f"{1e3 * stage['median_s']:>24.1f}{peak:>10}"
+        lines.append(row)
+    row = f"{'after retrieval':<18}"
+    for spec in order:
+        entry = block["presets"][spec]
+        cell = f"{1e3 * entry['after_retrieval']['median_s']:.1f} ({entry['after_retrieval_ratio']:.2f}x)"
+        row += f"{cell:>24}{'':>10}"
+    lines.append(row)
+    row = f"{'PSNR vs ' + block['reference']:<18}"
+    for spec in order:
+        value = block["presets"][spec]["psnr_vs_faithful_db"]
+        row += f"{('identical' if value is None else f'{value:.2f} dB'):>24}{'':>10}"
+    lines.append(row)
+    picked = {s: e["picked"] for s, e in block["presets"].items() if e.get("picked")}
+    if picked:
+        lines.append("auto picked: " + ", ".join(f"{s} → {p}" for s, p in picked.items()))
+    return lines
 
 
 def write_json(path: Path, result: dict) -> None:

@@ -80,15 +80,26 @@ def bench(args: argparse.Namespace) -> int:
         width=args.width, height=args.height, style=args.style, input_style=args.input_style, preprocess=args.preprocess,
         dtype=args.dtype, device=args.device, steps=args.steps, guidance=args.guidance, guider_scale=args.guider_scale,
         repeats=args.repeats, warmup=args.warmup, references=args.references, seed=args.seed,
-        colorflow=args.colorflow, base=args.base,
+        colorflow=args.colorflow, base=args.base, weights="release" if args.colorflow else args.weights,
     )
     if bool(args.colorflow) != bool(args.base):
         raise InvalidInputError("--colorflow and --base go together (leave both out for tiny random weights)")
+    if args.colorflow and args.weights != "tiny":
+        raise InvalidInputError("--weights picks random weights; leave it out with --colorflow/--base")
+    specs = list(dict.fromkeys(args.presets or []))
+    for spec in specs:
+        B.parse_preset_spec(spec)  # fail before loading anything
     with tempfile.TemporaryDirectory(prefix="colorflow-bench-") as tmp:
         if not args.skip_pipeline:
-            loaded = B.load_model(config, Path(tmp))
-            result["pipeline"] = B.run_pipeline_bench(config, Path(tmp), loaded)
-            result["embedding_cache"] = _cache_check(config, loaded[0].encoder, Path(tmp))
+            if specs and args.isolate:
+                result["presets"] = B.run_preset_bench(config, Path(tmp), None, specs, isolate=True)
+            else:
+                loaded = B.load_model(config, Path(tmp))
+                if specs:
+                    result["presets"] = B.run_preset_bench(config, Path(tmp), loaded, specs)
+                else:
+                    result["pipeline"] = B.run_pipeline_bench(config, Path(tmp), loaded)
+                result["embedding_cache"] = _cache_check(config, loaded[0].encoder, Path(tmp))
     if args.pool_sizes:
         result["retrieval"] = B.run_retrieval_bench(args.pool_sizes, dim=args.dim, batches=args.query_batches,
                                                     repeats=args.search_repeats, seed=args.seed,
@@ -165,6 +176,15 @@ def register(commands) -> None:
     be.add_argument("--references", type=int, default=3)
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--skip-pipeline", action="store_true", help="retrieval benchmark only")
+    be.add_argument("--weights", default="tiny", choices=["tiny", "random-sd15"],
+                    help="without --colorflow: tiny random test weights, or random weights at the real SD1.5 widths "
+                         "built in memory (~8 GB RAM in fp32)")
+    be.add_argument("--presets", nargs="+", metavar="PRESET",
+                    help="run these presets side by side on the same page (faithful, fast, low-vram, auto; fields "
+                         "can be changed: fast:compute_dtype=float32); reports time, peak memory and PSNR vs faithful")
+    be.add_argument("--isolate", action="store_true",
+                    help="with --presets: each preset in its own fresh process (CPU RSS peaks become comparable; "
+                         "the model is loaded once per preset)")
     be.add_argument("--pool-sizes", type=_ints, default=[1_000, 10_000, 100_000],
                     help="comma-separated pool sizes in patch vectors ('' = no retrieval benchmark)")
     be.add_argument("--dim", type=int, default=1024, help="embedding size (CLIP ViT-H/14: 1024)")

@@ -137,3 +137,31 @@ def test_bench_cli_end_to_end_on_tiny_weights(tiny_release, tmp_path, capsys):
     assert result["embedding_cache"]["ok"] and result["embedding_cache"]["second_run_embedded"] == 0
     assert result["retrieval"]["rows"][0]["pool"] == 200
     assert result["machine"]["cpu_count"] >= 1
+
+
+def test_preset_specs_parse_with_field_changes():
+    preset = B.parse_preset_spec("fast:compute_dtype=float32:merge_lora=false:guidance_scale=none")
+    assert (preset.name, preset.compute_dtype, preset.merge_lora, preset.guidance_scale) == ("fast", "float32", False, None)
+    assert B.parse_preset_spec("low-vram").offload == "stage"
+    with pytest.raises(Exception, match="unknown preset"):
+        B.parse_preset_spec("turbo")
+
+
+def test_bench_presets_side_by_side_on_tiny_weights(tiny_release, tmp_path, capsys):
+    release, base = tiny_release
+    out = tmp_path / "presets.json"
+    code = main(["bench", "--colorflow", str(release), "--base", str(base), "--width", "32", "--height", "32",
+                 "--steps", "1", "--repeats", "1", "--warmup", "0", "--references", "2", "--pool-sizes", "",
+                 "--presets", "fast", "faithful", "low-vram:vae_tiling=never", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "after retrieval" in text and "PSNR vs faithful" in text and "identical" in text
+    block = json.loads(out.read_text())["presets"]
+    assert block["order"] == ["faithful", "fast", "low-vram:vae_tiling=never"] and block["reference"] == "faithful"
+    runs = block["presets"]
+    assert runs["faithful"]["identical_to_reference"] and runs["faithful"]["after_retrieval_ratio"] == 1.0
+    assert not runs["fast"]["identical_to_reference"] and 0 < runs["fast"]["psnr_vs_faithful_db"] < 100
+    assert runs["fast"]["preset"]["guidance_scale"] == 1.0 and runs["low-vram:vae_tiling=never"]["preset"]["offload"] == "stage"
+    for entry in runs.values():
+        assert entry["after_retrieval"]["median_s"] > 0 and entry["page_peak_mb"] > 0
+        assert entry["stages"]["vae_encode"]["median_s"] > 0 and entry["stages"]["gsrp"]["median_s"] > 0
