@@ -719,11 +719,12 @@ def run_retrieval_bench(
     faiss_threads: Sequence[int] | None = None,
 ) -> dict:
     """Exact top-k over pools of random unit vectors with the library's `build_index`/`search_index`
-    (faiss IndexFlatIP; `search_index` sets distance_compute_blas_threshold = 1). A batch of 4 queries
-    is one page's 4 patches; larger batches are several pages searched at once."""
+    (faiss IndexFlatIP; `search_index` sets distance_compute_blas_threshold = 1), two-pass with the bf16
+    prefilter where `prefilter_keys` gives one (then the float32-only search is timed too and the results
+    compared). A batch of 4 queries is one page's 4 patches; larger batches are several pages searched at once."""
     import faiss
 
-    from ..retrieval.search import build_index, search_index
+    from ..retrieval.search import build_index, prefilter_keys, search_index
 
     rng = np.random.default_rng(seed)
     default_threads = faiss.omp_get_max_threads()
@@ -733,18 +734,25 @@ def run_retrieval_bench(
             keys = _unit(rng, n, dim)
             start = time.perf_counter()
             index = build_index(keys)
+            prefilter = prefilter_keys(index)
             build_s = time.perf_counter() - start
             for batch in batches:
                 queries = _unit(rng, batch, dim)
                 for threads in faiss_threads or [default_threads]:
                     faiss.omp_set_num_threads(threads)
-                    times = _timed(lambda: search_index(index, queries, k), repeats)
+                    times = _timed(lambda: search_index(index, queries, k, prefilter), repeats)
                     row = {
                         "pool": n, "dim": dim, "k": k, "queries_per_search": batch, "faiss_threads": threads,
+                        "two_pass": prefilter is not None,
                         "build_s": round(build_s, 4), "median_ms_per_search": 1e3 * statistics.median(times),
                         "min_ms_per_search": 1e3 * min(times), "median_ms_per_query": 1e3 * statistics.median(times) / batch,
                         "min_ms_per_query": 1e3 * min(times) / batch, "pool_mb": round(keys.nbytes / MB, 1),
                     }
+                    if prefilter is not None:
+                        plain = _timed(lambda: search_index(index, queries, k), repeats)
+                        row["float32_median_ms_per_query"] = 1e3 * statistics.median(plain) / batch
+                        (ids, scores), (ids32, scores32) = search_index(index, queries, k, prefilter), search_index(index, queries, k)
+                        row["same_as_float32"] = torch.equal(ids, ids32) and torch.allclose(scores, scores32, atol=1e-6)
                     rows.append(row)
                 faiss.omp_set_num_threads(default_threads)
                 if torch_baseline:
@@ -838,12 +846,16 @@ def format_bench(result: dict) -> str:
     retrieval = result.get("retrieval")
     if retrieval:
         lines.append(f"retrieval (faiss {retrieval['faiss']}, exact IndexFlatIP, top-3; medians, min in brackets):")
-        lines.append(f"{'pool':>8}{'dim':>6}{'queries':>9}{'threads':>9}{'ms/search':>11}{'ms/query':>18}{'torch ms/q':>12}")
+        lines.append(f"{'pool':>8}{'dim':>6}{'queries':>9}{'threads':>9}{'ms/search':>11}{'ms/query':>18}"
+                     f"{'f32-only ms/q':>15}{'torch ms/q':>12}")
         for row in retrieval["rows"]:
             base = row.get("torch_topk_median_ms_per_query")
+            single = row.get("float32_median_ms_per_query")
             per_query = f"{row['median_ms_per_query']:.2f} ({row['min_ms_per_query']:.2f})"
             lines.append(f"{row['pool']:>8}{row['dim']:>6}{row['queries_per_search']:>9}{row['faiss_threads']:>9}"
-                         f"{row['median_ms_per_search']:>11.2f}{per_query:>18}{'' if base is None else f'{base:>12.2f}'}")
+                         f"{row['median_ms_per_search']:>11.2f}{per_query:>18}"
+                         f"{'' if single is None else f'{single:.2f}' + ('' if row['same_as_float32'] else ' DIFFERS'):>15}"
+                         f"{'' if base is None else f'{base:>12.2f}'}")
     return "\n".join(lines)
 
 

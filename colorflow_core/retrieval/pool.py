@@ -30,7 +30,7 @@ from ..errors import ColorFlowError, IncompatibleWeightsError, InvalidInputError
 from ..imaging import ImageLike, list_images, load_image, process_image, to_rgb
 from .encoders import ImageEncoder
 from .patches import PATCHES_PER_REFERENCE, patch_boxes, query_patches, reference_patches
-from .search import build_index, load_faiss, search_index
+from .search import build_index, load_faiss, prefilter_keys, search_index
 from .store import write_faiss_index, write_json, write_npy, write_png
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class ReferencePool:
         self._refs: list[_Reference] = []
         self._embeddings: dict[tuple[str, str, int, int], np.ndarray] = {}
         self._candidates: dict[tuple[str, int, int], list[Image.Image]] = {}
-        self._indexes: dict[Size, tuple[str, Any]] = {}
+        self._indexes: dict[Size, tuple[str, Any, Any]] = {}
         self._parent: ReferencePool | None = None
         self._index_signatures: dict[str, str] = {}
         if self.store is not None and (self.store / POOL_FILE).exists():
@@ -213,8 +213,8 @@ class ReferencePool:
         if not 1 <= k <= total:
             raise InvalidInputError(f"k={k} is out of range: {len(self._refs)} reference(s) give {total} candidates")
         patch_boxes(*size)
-        index = self._index(size, progress)
-        indices, scores = search_index(index, self._encode(query_patches(query, size)), k)
+        index, prefilter = self._index(size, progress)
+        indices, scores = search_index(index, self._encode(query_patches(query, size)), k, prefilter)
         return Retrieval(indices, scores, self.candidates(size), size, self.references)
 
     def candidates(self, size: Size) -> list[Image.Image]:
@@ -288,17 +288,18 @@ class ReferencePool:
         payload = json.dumps([self.encoder.name, list(size), [ref.digest for ref in self._refs]])
         return hashlib.sha256(payload.encode()).hexdigest()
 
-    def _index(self, size: Size, progress: Progress | None) -> Any:
+    def _index(self, size: Size, progress: Progress | None) -> tuple[Any, Any]:
+        """(faiss index, its bf16 prefilter or None) at `size`, built or loaded once per pool content."""
         signature = self._signature(size)
         cached = self._indexes.get(size)
         if cached is not None and cached[0] == signature:
-            return cached[1]
+            return cached[1:]
         index = self._load_index(size, signature)
         if index is None:
             index = build_index(self.embeddings(size, progress))
             self._save_index(size, signature, index)
-        self._indexes[size] = (signature, index)
-        return index
+        self._indexes[size] = (signature, index, prefilter_keys(index))
+        return index, self._indexes[size][2]
 
     def _load_index(self, size: Size, signature: str) -> Any:
         if self.store is None or self._index_signatures.get(_size_key(size)) != signature:

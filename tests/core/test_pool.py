@@ -23,6 +23,7 @@ from colorflow_core.retrieval import (
     exact_search,
     query_patches,
 )
+from colorflow_core.retrieval import search as search_module
 from colorflow_core.retrieval import store as store_module
 
 SIZE = (64, 96)
@@ -143,6 +144,58 @@ def test_exact_search_ties_go_to_lowest_index_even_across_the_kth_position():
     assert exact_search(query, keys, k=4)[0].tolist() == [[2, 46, 1, 3]]
     order = torch.sort(F.cosine_similarity(query[:, None], keys[None], -1), descending=True, stable=True).indices
     assert torch.equal(exact_search(query, keys, k=len(keys))[0], order)
+
+
+def _bf16_keys(index) -> torch.Tensor:
+    return torch.from_numpy(search_module.index_vectors(index)).to(torch.bfloat16)
+
+
+def test_prefiltered_search_equals_the_float32_search_where_bf16_cannot_tell_keys_apart():
+    generator = torch.Generator().manual_seed(0)
+    # CLIP-like: every vector near one direction, so cosines crowd together; plus near-copies of one key that
+    # differ below bf16's resolution but not float32's, and exact copies (ties by index).
+    direction = torch.randn(64, generator=generator)
+    keys = 3 * direction + torch.randn(3000, 64, generator=generator)
+    keys[1000:1010] = keys[7] + 1e-4 * torch.randn(10, 64, generator=generator)
+    keys[2000:2003] = keys[7]
+    queries = 3 * direction + torch.randn(8, 64, generator=generator)
+    queries[0] = keys[7]
+    index = build_index(keys)
+    for k in (1, 3, 15):
+        plain = search_module.search_index(index, queries, k)
+        twice = search_module.search_index(index, queries, k, _bf16_keys(index))
+        assert torch.equal(twice[0], plain[0])
+        assert torch.allclose(twice[1], plain[1], atol=1e-6)
+    cosine = F.cosine_similarity(queries[1:, None], keys[None], dim=-1)  # row 0's near-copies tie within fp32 rounding
+    assert torch.equal(twice[0][1:], torch.sort(cosine, descending=True, stable=True).indices[:, :15])
+
+
+def test_prefiltered_search_keeps_lowest_index_ties_and_falls_back_when_nothing_is_ruled_out(monkeypatch):
+    tied = [[0.6, 0.8]] * 40
+    keys = torch.tensor([[0.0, 1.0], [0.6, 0.8], [1.0, 0.0], [0.6, 0.8], *tied, [1.0, 0.0]])
+    index, query = build_index(keys), torch.tensor([[1.0, 0.0]])
+    assert search_module.search_index(index, query, 4, _bf16_keys(index))[0].tolist() == [[2, 44, 1, 3]]
+    scans = []
+    monkeypatch.setattr(index, "search", lambda *a: scans.append(1) or faiss.IndexFlatIP.search(index, *a), raising=False)
+    same = build_index(torch.ones(50, 4))
+    monkeypatch.setattr(same, "search", lambda *a: scans.append(1) or faiss.IndexFlatIP.search(same, *a), raising=False)
+    assert search_module.search_index(same, torch.ones(1, 4), 3, _bf16_keys(same))[0].tolist() == [[0, 1, 2]]
+    assert scans, "every key is a candidate: the float32 search runs instead"
+
+
+def test_large_pools_on_a_bf16_cpu_get_the_prefilter_and_the_same_results(monkeypatch):
+    monkeypatch.setattr(search_module, "PREFILTER_MIN_VECTORS", 10)
+    encoder = FakeEncoder()
+    pool = ReferencePool(encoder)
+    pool.add([_image(i) for i in range(4)])
+    monkeypatch.setattr(search_module, "cpu_has_native_bf16", lambda: False)
+    plain = pool.search(_query(), SIZE, k=7)
+    assert search_module.prefilter_keys(pool._index(SIZE, None)[0]) is None
+    monkeypatch.setattr(search_module, "cpu_has_native_bf16", lambda: True)
+    pool._indexes.clear()
+    assert pool._index(SIZE, None)[1].dtype == torch.bfloat16
+    twice = pool.search(_query(), SIZE, k=7)
+    assert torch.equal(twice.indices, plain.indices) and torch.allclose(twice.scores, plain.scores, atol=1e-6)
 
 
 def test_pool_ties_resolved_to_lowest_candidates():

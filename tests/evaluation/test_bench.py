@@ -92,6 +92,18 @@ def test_retrieval_bench_rows():
     assert [r["faiss_threads"] for r in threads["rows"]] == [1, 2]
 
 
+def test_retrieval_bench_times_the_two_pass_search_against_float32(monkeypatch):
+    from colorflow_core.retrieval import search as search_module
+
+    monkeypatch.setattr(search_module, "PREFILTER_MIN_VECTORS", 100)
+    monkeypatch.setattr(search_module, "cpu_has_native_bf16", lambda: True)
+    rows = B.run_retrieval_bench([50, 400], dim=16, batches=[4], repeats=1, torch_baseline=False)["rows"]
+    assert [r["two_pass"] for r in rows] == [False, True]
+    assert rows[1]["same_as_float32"] and rows[1]["float32_median_ms_per_query"] > 0
+    assert "float32_median_ms_per_query" not in rows[0]
+    assert "f32-only ms/q" in B.format_bench({"retrieval": {"faiss": "x", "rows": rows}})
+
+
 def test_instrumentation_changes_nothing_and_is_removed(tiny_model):
     refs, page = _refs(2), Image.new("L", (32, 32), 90)
     options = ColorizeOptions(size=(32, 32), steps=1, seed=3)
