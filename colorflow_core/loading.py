@@ -242,6 +242,14 @@ def load_base_components(base: Path, config_dir: Path | None = None) -> dict:
     )
 
 
+def place_modules(modules, device: torch.device, dtype: torch.dtype) -> None:
+    """Move the `nn.Module`s among `modules` to `device`, cast to `dtype` (loaded weights are float32)."""
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            # No dtype argument for float32: diffusers warns on any dtype cast, even a no-op one.
+            module.to(device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
+
+
 def load_dtype(preset: Preset, device: torch.device) -> torch.dtype:
     """The dtype weights are loaded in when none is asked: half precision on an accelerator for the presets that
     compute in it (and `auto`), else float32."""
@@ -326,7 +334,5 @@ def _load_plain(colorflow, base, style, device, dtype, allow_download, base_conf
     encoder = ReleaseClipEncoder.from_pretrained(root / "image_encoder", device=device)
 
     pipeline = ColorFlowSDPipeline(unet=unet, guider=guider, **components)
-    for module in (*pipeline.components.values(), fusion):
-        if isinstance(module, torch.nn.Module):
-            module.to(device=device, dtype=None if dtype == torch.float32 else dtype)
+    place_modules((*pipeline.components.values(), fusion), device, dtype)
     return ColorFlowModel(style, pipeline, GuidedSuperResolver(pipeline.vae, fusion), encoder, root)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
-from .loading import ColorFlowModel, load_configured, load_fusion, resolve_snapshot
+from .loading import ColorFlowModel, load_configured, load_fusion, place_modules, resolve_snapshot
 from .models.color_guider_pixart import ColorGuiderPixArtModel, drop_alias_keys
 from .models.lora import PIXART_LORA_TARGETS, apply_lora
 from .pipelines.colorflow_pixart import ColorFlowPixArtPipeline
@@ -100,8 +100,5 @@ def load_pixart_colorflow(
         vae=vae, transformer=transformer, guider=guider, scheduler=pixart_scheduler(base_dir),
         prompt_encoder=pixart_prompt_encoder(base_dir, prompt_cache),
     )
-    for module in (*pipeline.components.values(), fusion):
-        if isinstance(module, torch.nn.Module):
-            # No dtype argument for float32: diffusers warns on any dtype cast, even a no-op one.
-            module.to(device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
+    place_modules((*pipeline.components.values(), fusion), device, dtype)
     return ColorFlowModel(style, pipeline, GuidedSuperResolver(pipeline.vae, fusion), encoder, root)

@@ -462,6 +462,11 @@ def compile_models(modules: Sequence[nn.Module], **compile_kwargs) -> int:
             if type(sub).__name__ in COMPILED_BLOCKS and getattr(sub, "_compiled_call_impl", None) is None:
                 sub.compile(**compile_kwargs)
                 count += 1
+    # Blocks of one class share a code object, and each width/shape is one more specialisation of it: past
+    # dynamo's default limit (8) the remaining blocks would silently run eagerly.
+    from torch._dynamo import config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, count)
     return count
 
 

@@ -340,7 +340,7 @@ class PipelineBench:
 
 def load_model(config: PipelineBench, workdir: Path):
     """(model, description of the weights, load seconds); tiny random weights written to `workdir` by default."""
-    from ..loading import load_colorflow, resolve_dtype
+    from ..loading import load_colorflow, place_modules, resolve_dtype
     from ..tiny import write_tiny_release
 
     if config.weights == "random-sd15":
@@ -351,9 +351,7 @@ def load_model(config: PipelineBench, workdir: Path):
         start = time.perf_counter()
         model = build_random_sd15(workdir / "random-sd15", seed=config.seed)
         dtype = resolve_dtype(config.dtype)
-        for module in (*model.pipeline.components.values(), model.upscaler.fusion):
-            if isinstance(module, torch.nn.Module):
-                module.to(config.device) if dtype == torch.float32 else module.to(config.device, dtype)
+        place_modules((*model.pipeline.components.values(), model.upscaler.fusion), config.device, dtype)
         model.encoder.model.to(config.device)
         weights = "random weights at SD1.5 widths (colorflow_core.evaluation.realsize, LoRA r64, tiny retrieval CLIP)"
         return model, weights, time.perf_counter() - start

@@ -102,6 +102,24 @@ def test_faithful_view_is_the_plain_model_and_fast_pins_no_cfg(tiny_model):
 # ---- every preset end to end, shared model untouched ------------------------------------------------------
 
 @pytest.mark.parametrize("style", ["gray", "sketch"])
+def test_every_attention_layer_runs_sdpa_so_no_preset_needs_to_swap_processors(style, tiny_model, sketch):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    model = tiny_model if style == "gray" else sketch
+    layers = 0
+    for modules in model.run_modules().values():
+        for module in modules:
+            config = getattr(module, "config", None)
+            if hasattr(config, "_attn_implementation"):  # transformers' CLIP text / vision models
+                assert config._attn_implementation == "sdpa", type(module).__name__
+            for sub in module.modules():
+                if isinstance(sub, Attention):
+                    assert isinstance(sub.processor, AttnProcessor2_0), f"{type(module).__name__}: {type(sub.processor).__name__}"
+                    layers += 1
+    assert layers >= (50 if style == "gray" else 72)  # VAE mid-block + guider + UNet / PixArt transformer
+
+
+@pytest.mark.parametrize("style", ["gray", "sketch"])
 def test_every_preset_runs_end_to_end_and_leaves_the_shared_model_unchanged(style, tiny_model, sketch):
     model = tiny_model if style == "gray" else sketch
     before = snapshot(model)
@@ -398,12 +416,16 @@ def test_batched_pages_equal_pages_one_at_a_time(tiny_model):
 
 # ---- compile (explicit configuration step) -------------------------------------------------------------
 
-def test_compile_models_is_an_explicit_reversible_step(tiny_model):
+def test_compile_models_is_an_explicit_reversible_step(tiny_model, monkeypatch):
+    from torch._dynamo import config as dynamo_config
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 2)
     guider = tiny_model.pipeline.guider
     sample, cond = torch.randn(1, 4, 4, 4), torch.randn(1, 9, 4, 4)
     with torch.no_grad():
         eager = guider(sample, 5, cond).mid
-    assert runtime.compile_models([guider], backend="eager") > 0
+    compiled_blocks = runtime.compile_models([guider], backend="eager")
+    assert compiled_blocks > 2 and dynamo_config.recompile_limit == compiled_blocks  # none left to run eagerly
     try:
         with torch.no_grad():
             compiled = guider(sample, 5, cond).mid
