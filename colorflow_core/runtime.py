@@ -167,8 +167,9 @@ class Staged:
 
 def _signature(tensors: Sequence[torch.Tensor]) -> tuple:
     """Where and at which version each tensor (a Parameter or a buffer) is: changes when it is replaced or modified
-    in place through itself (not through a `.data` alias)."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    in place through itself (not through a `.data` alias). Inference tensors (weights loaded under
+    `torch.inference_mode`, as inside ComfyUI) have no version counter: only their replacement is noticed."""
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
 
 
 def _cached(

@@ -307,6 +307,20 @@ def test_fast_view_reuses_its_copies_between_pages(tiny_model):
     assert np.array_equal(np.asarray(first.final), np.asarray(second.final))
 
 
+@pytest.mark.parametrize("preset", ["fast", "low-vram"])
+def test_presets_run_on_weights_loaded_in_inference_mode_as_comfyui_does(tiny_release, tiny_model, preset):
+    pool = ReferencePool(tiny_model.encoder)
+    pool.add(refs())
+    options = ColorizeOptions(size=(32, 32), steps=1, seed=2, preprocess="gray")
+    expected = colorize_page(tiny_model.with_preset(preset), page(), pool, options)
+    with torch.inference_mode():  # inference tensors have no version counter for the copy cache to read
+        model = load_colorflow(*tiny_release)
+        view = model.with_preset(preset)
+        results = [colorize_page(view, page(), pool, options) for _ in range(2)]
+    for result in results:
+        assert np.array_equal(np.asarray(result.final), np.asarray(expected.final))
+
+
 # ---- encode once ------------------------------------------------------------------------------------------
 
 def test_encode_once_draws_the_same_numbers_as_the_batch_encode(tiny_model):

@@ -77,13 +77,15 @@ def comfy_base(tiny_release, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def loaded(pack, comfy_base):
     """(model, encoder) from the model loader node on the tiny weights (tests must not mutate them)."""
-    return pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]().load(RELEASE, BASE, "gray", "float32", "cpu", False)
+    with torch.inference_mode():  # ComfyUI runs every node, the loader too, in inference mode
+        return pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]().load(RELEASE, BASE, "gray", "float32", "cpu", False)
 
 
 @pytest.fixture(scope="session")
 def loaded_sketch(pack, comfy_base):
     """(model, encoder) of the PixArt 'sketch' style from the model loader node on the tiny weights."""
-    return pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]().load(RELEASE, BASE, "sketch", "float32", "cpu", False, PIXART)
+    with torch.inference_mode():
+        return pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]().load(RELEASE, BASE, "sketch", "float32", "cpu", False, PIXART)
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ STEPS = 2
 def run(pack, node_id: str, *args, **kwargs):
     """Call a node's FUNCTION; returns its result tuple (the 'result' of a ui dict)."""
     node_class = pack.NODE_CLASS_MAPPINGS[node_id]
-    output = getattr(node_class(), node_class.FUNCTION)(*args, **kwargs)
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        output = getattr(node_class(), node_class.FUNCTION)(*args, **kwargs)
     return output["result"] if isinstance(output, dict) else output
 
 
@@ -290,7 +291,7 @@ def test_staged_nodes_reproduce_the_sequence_node(pack, loaded, pool, pages):
 
 
 def test_fast_preset_loader_runs_the_staged_nodes_like_the_sequence_node(pack, loaded, pool, pages):
-    fast = pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]().load(RELEASE, BASE, "gray", "float32", "cpu", False, None, "fast")[0]
+    fast = run(pack, "ColorFlowModelLoader", RELEASE, BASE, "gray", "float32", "cpu", False, None, "fast")[0]
     assert fast.preset.name == "fast" and fast.plan is not None
     canvas, mask, _ = stitch(pack, pool, pages)
     # The user leaves guidance at 7.5: the fast preset samples without CFG, and GSRP must continue that stream.
@@ -306,10 +307,9 @@ def test_fast_preset_loader_runs_the_staged_nodes_like_the_sequence_node(pack, l
 
 def test_comfyui_low_vram_mode_offloads_under_any_preset_with_the_same_numerics(pack, monkeypatch):
     monkeypatch.setattr(pack.nodes.comfy_bridge, "low_vram_mode", lambda: True)
-    loader = pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]()
-    faithful = loader.load(RELEASE, BASE, "gray", "float32", "cpu", False)[0].preset
+    faithful = run(pack, "ColorFlowModelLoader", RELEASE, BASE, "gray", "float32", "cpu", False)[0].preset
     assert (faithful.name, faithful.offload, faithful.compute_dtype, faithful.guidance_scale) == ("faithful", "stage", None, None)
-    fast = loader.load(RELEASE, BASE, "gray", "float32", "cpu", False, None, "fast")[0].preset
+    fast = run(pack, "ColorFlowModelLoader", RELEASE, BASE, "gray", "float32", "cpu", False, None, "fast")[0].preset
     assert (fast.offload, fast.keep_copies, fast.guidance_scale) == ("stage", False, 1.0)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 #: Nodes that exist only in the frontend (resolved away before queueing).
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -214,7 +216,8 @@ def execute(prompt: dict[str, dict], classes: dict[str, type]) -> dict[str, list
             results[node_id] = _call(classes[entry["class_type"]], arguments)
         return results[node_id]
 
-    for node_id, entry in prompt.items():
-        if getattr(classes[entry["class_type"]], "OUTPUT_NODE", False):
-            evaluate(node_id)
+    with torch.inference_mode():  # as ComfyUI's executor runs every prompt
+        for node_id, entry in prompt.items():
+            if getattr(classes[entry["class_type"]], "OUTPUT_NODE", False):
+                evaluate(node_id)
     return results
