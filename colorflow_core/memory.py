@@ -2,7 +2,7 @@
 
 The activation model is calibrated on the SD1.5 numbers of `shared/spec/physical-limits.md` §4 (bf16, no_grad,
 flash-style attention, 409,600-px pages): VAE encode 2.11 GB per canvas image, denoise step 0.78 GB per batch row,
-canvas decode 2.52 GB, GSRP 2.60 GB (freeing) / 4.11 GB (keeping everything, upstream), CLIP 0.16 GB. Each is
+canvas decode 2.52 GB, GSRP 2.60 GB (each feature map freed once fused, as `GuidedSuperResolver` does), CLIP 0.16 GB. Each is
 expressed per pixel (or latent token) and per channel of the network's first level, so it scales with the page size
 and the model width. PixArt's denoiser is a rougher guess (26 live token × width maps per batch row). Estimates are
 peaks of live tensors; a CUDA context, workspaces and allocator slack are added as a fixed 0.8 GB + 15 %.
@@ -10,6 +10,7 @@ peaks of live tensors; a CUDA context, workspaces and allocator slack are added 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,7 @@ from .runtime import Placement, Run, RunPlan, lives_on, stage_dtype
 #: Live full-resolution maps of the first level's width, per image (see the module docstring).
 VAE_ENCODE_MAPS = 5.03
 VAE_DECODE_MAPS = 6.0
-GSRP_MAPS_LEAN = 11.0
-GSRP_MAPS_PLAIN = 17.4
+GSRP_MAPS = 11.0
 UNET_STEP_MAPS = 47.6  # per batch row, at the latent resolution, first-level width (320 for SD1.5)
 PIXART_STEP_MAPS = 26.0  # per batch row, per patch token, at the transformer width
 ENCODER_ACTIVATION = 0.2e9
@@ -97,17 +97,9 @@ def activations(plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: 
     cfg = preset.guidance(guidance if guidance is not None else 7.5) > 1.0
     rows = 2 if cfg else 1
     vae_bytes = nbytes("vae", vae)
-    def encoder_scale(stage: str, reference: int) -> float:
-        for module in plan.modules.get(stage, ()):
-            config = getattr(module, "config", None)
-            width = getattr(config, "hidden_size", None)
-            if width:
-                return width / reference
-        return 1.0
-
     out: dict[str, int] = {
-        "image_encoder": int(ENCODER_ACTIVATION * encoder_scale("image_encoder", 1280)),
-        "text_encoder": int(ENCODER_ACTIVATION / 4 * encoder_scale("text_encoder", 768)),
+        "image_encoder": int(ENCODER_ACTIVATION * _width_ratio(plan.modules.get("image_encoder", ()), 1280)),
+        "text_encoder": int(ENCODER_ACTIVATION / 4 * _width_ratio(plan.modules.get("text_encoder", ()), 768)),
         "vae_encode": int(VAE_ENCODE_MAPS * c0 * canvas_px * vae_bytes * (1 if preset.encode_once else rows)),
     }
     denoiser = plan.modules.get("denoiser", ())
@@ -127,9 +119,17 @@ def activations(plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: 
     out["vae_decode"] = int(VAE_DECODE_MAPS * c0 * canvas_px * vae_bytes + 3 * canvas_px * 4)
     out["vae_decode_tiled"] = int(VAE_DECODE_MAPS * c0 * min(canvas_px, tile * tile) * vae_bytes + 3 * canvas_px * 4)
     fusion_bytes = nbytes("fusion", plan.modules.get("fusion", ()))
-    # Under a plan GSRP always frees each feature map once used (same numbers); only a plain model keeps them all.
-    out["gsrp"] = int(GSRP_MAPS_LEAN * c0 * gsrp_px * max(vae_bytes, fusion_bytes))
+    out["gsrp"] = int(GSRP_MAPS * c0 * gsrp_px * max(vae_bytes, fusion_bytes))
     return out
+
+
+def _width_ratio(modules, reference: int) -> float:
+    """A transformers encoder's hidden size over the size the activation constant was calibrated at."""
+    for module in modules:
+        width = getattr(getattr(module, "config", None), "hidden_size", None)
+        if width:
+            return width / reference
+    return 1.0
 
 
 def _dtype(modules) -> torch.dtype:
@@ -211,8 +211,6 @@ def choose_preset(plan: RunPlan, size: tuple[int, int], guidance: float | None =
         if found.peak <= budget:
             return candidate
     smallest = min(estimates, key=lambda pair: pair[1].peak)
-    import warnings
-
     warnings.warn(
         f"no preset fits the free memory ({budget / 1e9:.1f} GB) for a {size[0]}x{size[1]} page; running "
         f"'{smallest[0].name}' (estimated {smallest[1].peak / 1e9:.1f} GB)", RuntimeWarning, stacklevel=2,
