@@ -1,9 +1,10 @@
 """Exact cosine top-k with faiss, ties resolved to the lowest candidate index.
 
-Large pools are searched in two passes where the CPU computes bf16 natively: a scan of a bf16 copy of the keys
-(half the bytes of the float32 scan, which is bound by memory bandwidth), then an exact float32 re-rank of every
-candidate the scan cannot rule out. The result is the same as the float32 search: for unit vectors the bf16 score
-is within `BF16_SCORE_ERROR` of the float32 one, so no key outside the re-ranked set can reach the k-th score.
+Every search is a fast scan that keeps each key whose score could reach the k-th best, then a float64 re-score of
+those keys. The scan is faiss's float32 product, or, for large pools where the CPU computes bf16 natively, a bf16
+copy of the keys (half the bytes of the float32 scan, which is bound by memory bandwidth). Both keep every key
+that can matter (a proven error bound per scan), and the final order comes from the same float64 scores, so the
+result does not depend on which scan ran.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def build_index(keys: torch.Tensor | np.ndarray) -> "faiss.IndexFlatIP":
 
 #: Pools from this many vectors on get a bf16 prefilter (below it a float32 scan takes well under a millisecond).
 PREFILTER_MIN_VECTORS = 20_000
-#: Bound on |bf16 score - float32 score| for unit vectors: keys and queries rounded to bf16 (unit roundoff 2^-8,
+#: Bound on |bf16 score - exact score| for unit vectors: keys and queries rounded to bf16 (unit roundoff 2^-8,
 #: one u each), float32 accumulation over <= 4096 dims (< 2.5e-4), the product rounded to bf16 (one u), with margin.
 BF16_SCORE_ERROR = 4 * 2.0**-8
 #: Above this share of the pool in the re-rank set, the prefilter saves nothing: search in float32 instead.
@@ -71,49 +72,60 @@ def search_index(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`k` candidates per query by cosine, ties by lowest index: (LongTensor [Q,k], FloatTensor [Q,k]).
 
-    `prefilter` (`prefilter_keys(index)`) makes the search two-pass, with the same result."""
+    A fast scan (faiss float32, or bf16 with `prefilter = prefilter_keys(index)`) picks every key whose score could
+    reach the k-th best; those are scored again in float64, so the ranking of near-ties never depends on which scan
+    ran (the two scans round differently)."""
     if not 1 <= k <= index.ntotal:
         raise InvalidInputError(f"k={k} is out of range for {index.ntotal} candidates")
     array = normalized(queries)
-    if prefilter is not None:
-        found = _prefiltered_search(index, prefilter, array, k)
-        if found is not None:
-            return found
+    candidates = _prefiltered_candidates(index, prefilter, array, k) if prefilter is not None else None
+    if candidates is None:
+        candidates = _float32_candidates(index, array, k)
+    keys = index_vectors(index)
+    ids, scores = [], []
+    for query, found in zip(array, candidates):
+        # Row-wise products summed by numpy's per-row reduction: unlike a BLAS product, a key's score does not depend
+        # on where it sits among the candidates, so identical keys tie exactly (and go to the lowest index).
+        exact = (keys[found].astype(np.float64) * query.astype(np.float64)).sum(axis=1)
+        order = np.lexsort((found, -exact))[:k]
+        ids.append(found[order])
+        scores.append(exact[order])
+    return torch.from_numpy(np.stack(ids).astype(np.int64)), torch.from_numpy(np.stack(scores).astype(np.float32))
+
+
+def float32_score_error(dim: int) -> float:
+    """Bound on |float32 dot product - exact| for unit vectors of `dim` float32 components (accumulation only)."""
+    gamma = dim * 2.0**-24
+    return gamma / (1 - gamma)
+
+
+def _float32_candidates(index: "faiss.IndexFlat", queries: np.ndarray, k: int) -> list[np.ndarray]:
+    """Per query, the ids of every key whose exact score could reach the k-th best, from faiss's float32 scan."""
     # faiss's default non-BLAS path is several times slower for the few query rows used here.
     load_faiss().cvar.distance_compute_blas_threshold = 1
-    fetch = min(index.ntotal, k + 1)
+    margin = 2 * float32_score_error(index.d)
+    fetch = min(index.ntotal, k + 16)  # a few spare rows: a second, larger search is rarely needed
     while True:
-        scores, ids = index.search(array, fetch)
-        # Complete once nothing beyond the fetched rows can tie with the k-th score.
-        if fetch == index.ntotal or bool(np.all(scores[:, k - 1] > scores[:, fetch - 1])):
+        scores, ids = index.search(queries, fetch)
+        floor = scores[:, k - 1 : k] - margin
+        # Complete once every unfetched key is below the floor (it cannot reach the k-th exact score).
+        if fetch == index.ntotal or bool(np.all(scores[:, fetch - 1 :] < floor)):
             break
         fetch = min(index.ntotal, fetch * 2)
-    order = np.lexsort((ids, -scores), axis=1)[:, :k]
-    return (
-        torch.from_numpy(np.take_along_axis(ids, order, axis=1).astype(np.int64)),
-        torch.from_numpy(np.take_along_axis(scores, order, axis=1).astype(np.float32)),
-    )
+    return [row_ids[row_scores >= row_floor] for row_ids, row_scores, row_floor in zip(ids, scores, floor[:, 0])]
 
 
-def _prefiltered_search(
+def _prefiltered_candidates(
     index: "faiss.IndexFlat", prefilter: torch.Tensor, queries: np.ndarray, k: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """bf16 scan, then the float32 re-rank of every key within 2 x the error bound of the k-th bf16 score (a key
-    whose float32 score reaches the k-th one scores at least that in bf16); None when that set is too large."""
+) -> list[np.ndarray] | None:
+    """Per query, the ids of every key within 2 x the error bound of the k-th bf16 score (a key whose exact score
+    reaches the k-th one scores at least that in bf16); None when that set is too large to pay."""
     approx = (torch.from_numpy(queries).to(torch.bfloat16) @ prefilter.T).float()
     floor = approx.topk(k, dim=1).values[:, -1:] - 2 * BF16_SCORE_ERROR
     keep = approx >= floor
     if int(keep.sum()) > PREFILTER_MAX_SHARE * index.ntotal * len(queries):
         return None
-    keys = index_vectors(index)
-    ids, scores = [], []
-    for query, row in zip(queries, keep.numpy()):
-        candidates = np.flatnonzero(row)
-        exact = keys[candidates] @ query
-        order = np.lexsort((candidates, -exact))[:k]
-        ids.append(candidates[order])
-        scores.append(exact[order])
-    return torch.from_numpy(np.stack(ids).astype(np.int64)), torch.from_numpy(np.stack(scores).astype(np.float32))
+    return [np.flatnonzero(row) for row in keep.numpy()]
 
 
 def exact_search(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -150,24 +150,27 @@ def _bf16_keys(index) -> torch.Tensor:
     return torch.from_numpy(search_module.index_vectors(index)).to(torch.bfloat16)
 
 
-def test_prefiltered_search_equals_the_float32_search_where_bf16_cannot_tell_keys_apart():
+def test_prefiltered_search_equals_the_float32_search_even_among_near_and_exact_copies():
     generator = torch.Generator().manual_seed(0)
-    # CLIP-like: every vector near one direction, so cosines crowd together; plus near-copies of one key that
-    # differ below bf16's resolution but not float32's, and exact copies (ties by index).
-    direction = torch.randn(64, generator=generator)
-    keys = 3 * direction + torch.randn(3000, 64, generator=generator)
-    keys[1000:1010] = keys[7] + 1e-4 * torch.randn(10, 64, generator=generator)
-    keys[2000:2003] = keys[7]
-    queries = 3 * direction + torch.randn(8, 64, generator=generator)
-    queries[0] = keys[7]
+    # Blank-panel-like pools: exact copies (ties go to the lowest index) and copies differing below bf16's and near
+    # float32's resolution, where the two scans round differently; the result must not depend on the scan.
+    base = torch.randn(600, 512, generator=generator)
+    keys = torch.cat([base, base[:200], base[:300] + 1e-4 * torch.randn(300, 512, generator=generator),
+                      torch.randn(1500, 512, generator=generator)])
     index = build_index(keys)
-    for k in (1, 3, 15):
-        plain = search_module.search_index(index, queries, k)
-        twice = search_module.search_index(index, queries, k, _bf16_keys(index))
-        assert torch.equal(twice[0], plain[0])
-        assert torch.allclose(twice[1], plain[1], atol=1e-6)
-    cosine = F.cosine_similarity(queries[1:, None], keys[None], dim=-1)  # row 0's near-copies tie within fp32 rounding
-    assert torch.equal(twice[0][1:], torch.sort(cosine, descending=True, stable=True).indices[:, :15])
+    prefilter = _bf16_keys(index)
+    for trial in range(8):
+        picks = torch.randint(0, 200, (6,), generator=generator)
+        queries = keys[picks] + 0.3 * torch.randn(6, 512, generator=generator)
+        for k in (5, 3, 1):
+            plain = search_module.search_index(index, queries, k)
+            twice = search_module.search_index(index, queries, k, prefilter)
+            assert torch.equal(twice[0], plain[0]) and torch.equal(twice[1], plain[1])
+            if k == 3:  # the picked key, its exact copy right after it, and its near copy
+                for pick, row in zip(picks.tolist(), plain[0].tolist()):
+                    assert set(row) == {pick, 600 + pick, 800 + pick} and row.index(600 + pick) == row.index(pick) + 1
+    cosine = F.cosine_similarity(queries[:, None], keys[None], dim=-1)
+    assert torch.allclose(plain[1], cosine.gather(1, plain[0]), atol=1e-6)
 
 
 def test_prefiltered_search_keeps_lowest_index_ties_and_falls_back_when_nothing_is_ruled_out(monkeypatch):
