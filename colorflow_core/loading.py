@@ -242,7 +242,7 @@ def load_base_components(base: Path, config_dir: Path | None = None) -> dict:
     )
 
 
-def place_modules(modules, device: torch.device, dtype: torch.dtype) -> None:
+def place_modules(modules: Sequence[object], device: torch.device, dtype: torch.dtype) -> None:
     """Move the `nn.Module`s among `modules` to `device`, cast to `dtype` (loaded weights are float32)."""
     for module in modules:
         if isinstance(module, torch.nn.Module):

@@ -78,8 +78,11 @@ def _first(modules: tuple[nn.Module, ...], attr: str):
     return None
 
 
-def activations(plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: float | None) -> dict[str, int]:
-    """Estimated peak activation bytes per stage for a W×H page under `preset`."""
+def activations(
+    plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: float | None, pages: int = 1
+) -> dict[str, int]:
+    """Estimated peak activation bytes per stage for W×H pages under `preset`, `pages` of them denoised as one batch
+    (the other stages take the pages one at a time)."""
     width, height = size
     canvas_px, gsrp_px = 4 * width * height, 2.25 * width * height
     placement = plan.placement
@@ -112,10 +115,10 @@ def activations(plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: 
                 inner = config["num_attention_heads"] * config["attention_head_dim"]
                 break
         tokens = canvas_px / (64 * 4)
-        out["denoise"] = int(PIXART_STEP_MAPS * (inner or 1152) * tokens * den_bytes * rows)
+        out["denoise"] = int(PIXART_STEP_MAPS * (inner or 1152) * tokens * den_bytes * rows * pages)
     else:
         c_unet = (_first(denoiser, "block_out_channels") or [320])[0]
-        out["denoise"] = int(UNET_STEP_MAPS * c_unet * (canvas_px / 64) * den_bytes * rows)
+        out["denoise"] = int(UNET_STEP_MAPS * c_unet * (canvas_px / 64) * den_bytes * rows * pages)
     out["vae_decode"] = int(VAE_DECODE_MAPS * c0 * canvas_px * vae_bytes + 3 * canvas_px * 4)
     out["vae_decode_tiled"] = int(VAE_DECODE_MAPS * c0 * min(canvas_px, tile * tile) * vae_bytes + 3 * canvas_px * 4)
     fusion_bytes = nbytes("fusion", plan.modules.get("fusion", ()))
@@ -153,13 +156,14 @@ _STAGE_MODELS = {
 
 
 def estimate(
-    plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: float | None = None, assume_resident: bool = False
+    plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: float | None = None, assume_resident: bool = False,
+    pages: int = 1,
 ) -> Estimate:
-    """Peak bytes on the compute device for one W×H page under `preset` (non-auto), given where the weights are now
-    (`assume_resident`: as if every model had been moved to the device)."""
+    """Peak bytes on the compute device for W×H pages under `preset` (non-auto), `pages` denoised as one batch, given
+    where the weights are now (`assume_resident`: as if every model had been moved to the device)."""
     placement: Placement = plan.placement
     device = placement.device
-    acts = activations(plan, preset, size, guidance)
+    acts = activations(plan, preset, size, guidance, pages)
 
     def on_device(module: nn.Module) -> bool:
         return assume_resident or _on(module, device)
@@ -202,11 +206,11 @@ def available(plan: RunPlan) -> int:
     return int(measure(device)) + held
 
 
-def choose_preset(plan: RunPlan, size: tuple[int, int], guidance: float | None = None) -> Preset:
+def choose_preset(plan: RunPlan, size: tuple[int, int], guidance: float | None = None, pages: int = 1) -> Preset:
     """`auto`: the first of faithful, low-vram, low-vram-strict whose estimated peak fits the free memory; the
     smallest (with a warning) when none does."""
     budget = available(plan)
-    estimates = [(candidate, estimate(plan, candidate, size, guidance)) for candidate in AUTO_CANDIDATES]
+    estimates = [(candidate, estimate(plan, candidate, size, guidance, pages=pages)) for candidate in AUTO_CANDIDATES]
     for candidate, found in estimates:
         if found.peak <= budget:
             return candidate

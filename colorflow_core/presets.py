@@ -82,6 +82,7 @@ class Preset:
 
     @property
     def is_auto(self) -> bool:
+        """Whether this is `auto` (resolved to a concrete preset per page)."""
         return self.name == "auto"
 
     def offloaded(self) -> "Preset":

@@ -160,6 +160,7 @@ class Staged:
         self._undo = undo
 
     def restore(self) -> None:
+        """Put the original tensors back (newest swap first); a second call does nothing."""
         for step in reversed(self._undo):
             step()
         self._undo = []
@@ -210,26 +211,30 @@ def stage_module(
             )
         return converted[id(owner)]
 
-    for sub in module.modules():
-        for name, param in sub._parameters.items():
-            if param is None:
-                continue
-            old = param.data
-            new = convert(param, old)
-            if new is not old:
-                try:
-                    param.data = new
-                    undo.append(lambda p=param, o=old: setattr(p, "data", o))
-                except RuntimeError:  # a device whose tensors cannot back this Parameter (e.g. meta): swap the Parameter
-                    sub._parameters[name] = nn.Parameter(new, requires_grad=param.requires_grad)
-                    undo.append(lambda s=sub, n=name, o=param: s._parameters.__setitem__(n, o))
-        for name, buffer in sub._buffers.items():
-            if buffer is None:
-                continue
-            new = convert(buffer, buffer)
-            if new is not buffer:
-                sub._buffers[name] = new
-                undo.append(lambda s=sub, n=name, o=buffer: s._buffers.__setitem__(n, o))
+    try:
+        for sub in module.modules():
+            for name, param in sub._parameters.items():
+                if param is None:
+                    continue
+                old = param.data
+                new = convert(param, old)
+                if new is not old:
+                    try:
+                        param.data = new
+                        undo.append(lambda p=param, o=old: setattr(p, "data", o))
+                    except RuntimeError:  # a device whose tensors cannot back this Parameter (e.g. meta): swap the Parameter
+                        sub._parameters[name] = nn.Parameter(new, requires_grad=param.requires_grad)
+                        undo.append(lambda s=sub, n=name, o=param: s._parameters.__setitem__(n, o))
+            for name, buffer in sub._buffers.items():
+                if buffer is None:
+                    continue
+                new = convert(buffer, buffer)
+                if new is not buffer:
+                    sub._buffers[name] = new
+                    undo.append(lambda s=sub, n=name, o=buffer: s._buffers.__setitem__(n, o))
+    except BaseException:  # e.g. out of memory halfway: put back what was already swapped
+        Staged(undo).restore()
+        raise
     return Staged(undo)
 
 
@@ -308,11 +313,6 @@ def merged_lora(
             step()
 
 
-def lora_is_merged(module: nn.Module) -> bool:
-    """True while any LoRA layer of `module` is merged."""
-    return any(layer.merged for layer in _lora_layers(module))
-
-
 # --------------------------------------------------------------------------------------------- the run
 class Run:
     """One call's execution of a (resolved, non-auto) preset."""
@@ -337,6 +337,7 @@ class Run:
         return stage_dtype(self.preset, stage, device, _dtype_of(module), lives_on(module, device))
 
     def channels_last(self, stage: str) -> bool:
+        """Whether `stage`'s conv nets run in channels_last under this preset (on CUDA, or everywhere if asked)."""
         setting = self.preset.channels_last
         if stage not in _CAST_STAGES or setting == "never":
             return False
@@ -392,7 +393,7 @@ def active_run() -> Run | None:
 
 @contextlib.contextmanager
 def activate(
-    plan: RunPlan | None, *, size: tuple[int, int] | None = None, guidance: float | None = None
+    plan: RunPlan | None, *, size: tuple[int, int] | None = None, guidance: float | None = None, pages: int = 1
 ) -> Iterator[Run | None]:
     """Open a run of `plan` for one call (`size` = the page's W×H, for `auto`); join the active run of the same plan.
 
@@ -412,7 +413,7 @@ def activate(
     if preset.is_auto:
         from .memory import choose_preset
 
-        preset = choose_preset(plan, size or (512, 800), guidance)
+        preset = choose_preset(plan, size or (512, 800), guidance, pages)
     run = Run(plan, preset)
     token = _ACTIVE.set(run)
     try:
@@ -421,13 +422,13 @@ def activate(
         _ACTIVE.reset(token)
 
 
-def stage(stage_name: str, *modules: nn.Module):
+def stage(stage_name: str, *modules: nn.Module) -> contextlib.AbstractContextManager:
     """`active_run().stage(...)`, or a no-op block (yielding None) when no run is active."""
     run = _ACTIVE.get()
     return run.stage(stage_name, *modules) if run is not None else contextlib.nullcontext(None)
 
 
-def denoise_stage(guider: nn.Module, denoiser: nn.Module):
+def denoise_stage(guider: nn.Module, denoiser: nn.Module) -> contextlib.AbstractContextManager:
     """The "denoiser" stage around the whole denoising loop; a no-op block when the two models take turns per step
     (offload "model": see `model_turn`) or no run is active."""
     run = _ACTIVE.get()
@@ -436,7 +437,7 @@ def denoise_stage(guider: nn.Module, denoiser: nn.Module):
     return run.stage("denoiser", guider, denoiser)
 
 
-def model_turn(module: nn.Module):
+def model_turn(module: nn.Module) -> contextlib.AbstractContextManager:
     """`module` alone in the "denoiser" stage for one call when the guider and the denoiser take turns per step;
     else a no-op block (the whole loop is already staged by `denoise_stage`)."""
     run = _ACTIVE.get()
@@ -467,7 +468,8 @@ def compile_models(modules: Sequence[nn.Module], **compile_kwargs) -> int:
     # dynamo's default limit (8) the remaining blocks would silently run eagerly.
     from torch._dynamo import config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, count)
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), count))
     return count
 
 

@@ -103,11 +103,14 @@ def colorize_batch(
     """Several pages with their denoising in one UNet batch (same-size pages, SD styles); page i's result equals
     `colorize_page` of that page alone up to the rounding of a batched convolution, since each page draws from its
     own generators seeded with `options.seed`. Pipelines without batching (PixArt) take the pages one by one."""
+    if not pages:
+        raise InvalidInputError("no pages to colorize")
     model = with_options_preset(model, options)
     names = names or [f"page_{i:04d}" for i in range(len(pages))]
     if len(pages) > 1 and not hasattr(model.pipeline, "sample_pages"):
         return [colorize_page(model, page, pool, options, name=n, step_progress=step_progress) for page, n in zip(pages, names)]
-    with runtime.activate(model.plan, size=options.size or auto_size(pages[0]), guidance=options.guidance_scale):
+    size = options.size or auto_size(pages[0])
+    with runtime.activate(model.plan, size=size, guidance=options.guidance_scale, pages=len(pages)):
         prepared = [_prepare(model, page, pool, options) for page in pages]
         if len({p.size for p in prepared}) > 1:
             raise InvalidInputError("pages colourised as one batch must have the same size")
@@ -127,6 +130,27 @@ def colorize_batch(
         return [_finish(model, n, p, icp, g[1], options) for n, p, icp, g in zip(names, prepared, icps, generators)]
 
 
+def _batches(
+    items: list[ImageLike], names: list[str], size: tuple[int, int] | None, limit: int
+) -> Iterator[tuple[list[Image.Image], list[str]]]:
+    """Consecutive pages of one canvas size (`size`, else each page's auto size), at most `limit` per batch; each
+    page is loaded only when its batch is formed."""
+    batch: list[Image.Image] = []
+    batch_names: list[str] = []
+    batch_size = None
+    for item, name in zip(items, names):
+        image = load_image(item)
+        page_size = size or auto_size(image)
+        if batch and (page_size != batch_size or len(batch) == limit):
+            yield batch, batch_names
+            batch, batch_names = [], []
+        batch.append(image)
+        batch_names.append(name)
+        batch_size = page_size
+    if batch:
+        yield batch, batch_names
+
+
 def colorize_pages(
     model: ColorFlowModel,
     pages: Iterable[ImageLike],
@@ -139,8 +163,9 @@ def colorize_pages(
 ) -> Iterator[PageResult]:
     """Colour each page against `pool`, in order; with `feed_back`, each finished page joins the pool.
 
-    `page_batch` > 1 denoises that many consecutive same-size pages as one UNet batch (SD styles; more memory, same
-    results); with `feed_back` pages always run one at a time (each page may retrieve the ones before it).
+    `page_batch` > 1 denoises up to that many consecutive pages of the same canvas size as one UNet batch (SD styles;
+    more memory, same results; a size change starts a new batch); with `feed_back` pages run one at a time (each
+    page may retrieve the ones before it).
     """
     if page_batch < 1:
         raise InvalidInputError("page_batch must be at least 1")
@@ -148,15 +173,11 @@ def colorize_pages(
     pages = list(pages)
     names = [Path(item).stem if isinstance(item, (str, Path)) else f"page_{index:04d}" for index, item in enumerate(pages)]
     step_progress = (lambda done, total: progress("step", done, total)) if progress else None
-    group = 1 if feed_back else page_batch
     done = 0
-    for start in range(0, len(pages), group):
-        images = [load_image(item) for item in pages[start : start + group]]
-        if len(images) == 1:
-            results = [colorize_page(model, images[0], pool, options, name=names[start], step_progress=step_progress)]
-        else:  # a batch's steps advance all its pages: reported as that many pages' steps
-            batch_progress = (lambda done, total, k=len(images): step_progress(done * k, total * k)) if progress else None
-            results = colorize_batch(model, images, pool, options, names=names[start : start + group], step_progress=batch_progress)
+    for images, batch_names in _batches(pages, names, options.size, 1 if feed_back else page_batch):
+        # A batch's steps advance all its pages: reported as that many pages' steps.
+        batch_progress = (lambda d, t, k=len(images): step_progress(d * k, t * k)) if progress else None
+        results = colorize_batch(model, images, pool, options, names=batch_names, step_progress=batch_progress)
         for result in results:
             if feed_back:
                 pool.add([result.final])

@@ -24,10 +24,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..presets import Preset
 
 MB = 1 << 20
 
@@ -504,7 +509,7 @@ def summarize_pipeline(config: PipelineBench, model: Any, recorder: Recorder, la
 
 
 # --------------------------------------------------------------------------------------------- presets side by side
-def parse_preset_spec(spec: str):
+def parse_preset_spec(spec: str) -> Preset:
     """'fast' or 'fast:compute_dtype=float32:merge_lora=false' → the Preset (fields changed as given)."""
     from ..presets import get_preset
 
@@ -526,7 +531,7 @@ def parse_preset_spec(spec: str):
     return get_preset(name, **fields)
 
 
-def image_psnr(a, b) -> float:
+def image_psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
     """PSNR (dB) of two uint8 images of the same size; inf when identical."""
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mse = float(((x - y) ** 2).mean())

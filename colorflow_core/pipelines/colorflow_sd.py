@@ -120,7 +120,8 @@ class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
             raise InvalidInputError("sample_pages needs one mask and two generators per canvas")
         if len({c.size for c in canvases}) > 1:
             raise InvalidInputError("canvases sampled together must have the same size")
-        with runtime.activate(self.plan, size=(canvases[0].width // 2, canvases[0].height // 2), guidance=guidance_scale) as run:
+        size = (canvases[0].width // 2, canvases[0].height // 2)
+        with runtime.activate(self.plan, size=size, guidance=guidance_scale, pages=len(canvases)) as run:
             preset = run.preset if run is not None else None
             if preset is not None:
                 guidance_scale = preset.guidance(guidance_scale)

@@ -21,7 +21,7 @@ from colorflow_core.pipelines.guided_sr import GuidedSuperResolver
 from colorflow_core.presets import PRESET_NAMES, get_preset
 from colorflow_core.retrieval import ReferencePool
 from colorflow_core.runtime import Placement, merged_lora, stage_module
-from colorflow_core.sequence import colorize_page, colorize_pages
+from colorflow_core.sequence import colorize_batch, colorize_page, colorize_pages
 
 from .sampling import sample_canvas
 
@@ -49,6 +49,12 @@ def sketch(tiny_release, tmp_path_factory):
         return load_colorflow(release, release.parent / "pixart", style="sketch", prompt_cache=tmp_path_factory.mktemp("pc"))
 
 
+def lora_is_merged(module: torch.nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(layer.merged for layer in module.modules() if isinstance(layer, LoraLayer))
+
+
 def snapshot(model: ColorFlowModel) -> dict[str, tuple]:
     """Every tensor of the shared model: (object id of its data, dtype, device, a copy of its values)."""
     out = {}
@@ -66,7 +72,7 @@ def assert_unchanged(model: ColorFlowModel, before: dict[str, tuple]) -> None:
         now = after[key]
         assert (now[0], now[1], now[2]) == (ptr, dtype, device), key
         assert torch.equal(now[3], values), key
-    assert not runtime.lora_is_merged(model.pipeline.unet if hasattr(model.pipeline, "unet") else model.pipeline.transformer)
+    assert not lora_is_merged(model.pipeline.unet if hasattr(model.pipeline, "unet") else model.pipeline.transformer)
     assert model.plan is None and model.pipeline.plan is None and model.upscaler.plan is None
 
 
@@ -224,6 +230,25 @@ def test_stage_module_moves_to_another_device_and_restores_the_same_tensors():
         assert tensor.data_ptr() == original.data_ptr() and torch.equal(tensor, value)
 
 
+def test_stage_module_failing_halfway_leaves_the_module_as_it_was(monkeypatch):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    originals = [p.data for p in net.parameters()]
+    calls = []
+
+    def convert(tensor, *args):  # the third tensor's copy fails, as an out-of-memory on the device would
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("device full")
+        return tensor.to(torch.float64)
+
+    monkeypatch.setattr(runtime, "_convert", convert)
+    with pytest.raises(torch.OutOfMemoryError):
+        stage_module(net, torch.device("cpu"), torch.float64)
+    assert len(calls) == 3
+    for param, original in zip(net.parameters(), originals):
+        assert param.dtype == torch.float32 and param.data_ptr() == original.data_ptr()
+
+
 # ---- LoRA merge ----------------------------------------------------------------------------------------------
 
 def _unet_out(unet, seed=0):
@@ -240,7 +265,7 @@ def test_merged_lora_equals_unmerged_within_fp32_rounding_and_is_undone_exactly(
     unmerged = _unet_out(unet)
     with merged_lora(unet) as count:
         assert count > 0
-        assert runtime.lora_is_merged(unet)
+        assert lora_is_merged(unet)
         merged = _unet_out(unet)
         with pytest.raises(RuntimeError, match="merged"):
             unet.state_dict()
@@ -251,7 +276,7 @@ def test_merged_lora_equals_unmerged_within_fp32_rounding_and_is_undone_exactly(
         unet.enable_adapters()
     assert not torch.equal(without_lora, unmerged)  # the LoRA does something…
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)  # …and merging it changes only rounding
-    assert not runtime.lora_is_merged(unet)
+    assert not lora_is_merged(unet)
     for key, value in unet.state_dict().items():
         assert value.data_ptr() == before[key][0] and torch.equal(value, before[key][1]), key
 
@@ -376,6 +401,16 @@ def test_auto_picks_a_lower_memory_plan_when_less_memory_is_free(sd15_on_meta):
     assert 4 < peaks["low-vram"] < 8
 
 
+def test_auto_counts_every_page_of_a_denoise_batch(sd15_on_meta):
+    cuda = Placement.create("cuda", "cpu")
+    probe = sd15_on_meta.with_preset("auto", cuda, free_memory=lambda device: 0).plan
+    one, eight = (memory.estimate(probe, get_preset("faithful"), (512, 800), 7.5, pages=n).peak for n in (1, 8))
+    assert eight > one + 7 * 2 * 0.5 * GB  # 16 more CFG rows of UNet activations
+    view = sd15_on_meta.with_preset("auto", cuda, free_memory=lambda device: (one + eight) // 2)
+    assert memory.choose_preset(view.plan, (512, 800), 7.5).name == "faithful"
+    assert memory.choose_preset(view.plan, (512, 800), 7.5, pages=8).name != "faithful"
+
+
 def test_low_vram_tiles_the_canvas_decode_only_where_it_is_the_peak(sd15_on_meta):
     view = sd15_on_meta.with_preset("low-vram", Placement.create("cuda", "cpu"))
     run = runtime.Run(view.plan, view.plan.preset)
@@ -421,6 +456,25 @@ def test_batched_pages_equal_pages_one_at_a_time(tiny_model):
     assert not torch.equal(one[0].icp.latents, one[1].icp.latents)  # different pages, different results
     with pytest.raises(InvalidInputError, match="page_batch"):
         list(colorize_pages(tiny_model, pages, pool, options, page_batch=0))
+    with pytest.raises(InvalidInputError, match="no pages"):
+        colorize_batch(tiny_model, [], pool, options)
+
+
+def test_page_batches_never_mix_canvas_sizes_and_stay_in_reading_order(tiny_model, monkeypatch):
+    from colorflow_core import sequence
+
+    batches = []
+
+    def record(model, images, pool, options, *, names, step_progress):
+        batches.append(names)
+        return [sequence.PageResult(n, image, image.size, None, None, None, image) for n, image in zip(names, images)]
+
+    monkeypatch.setattr(sequence, "colorize_batch", record)
+    tall, wide = Image.new("L", (500, 800), 128), Image.new("L", (800, 500), 128)
+    pages = [tall, tall, tall, wide, tall, wide, wide]  # size auto: 512x800 or 800x512 per page
+    results = list(colorize_pages(tiny_model, pages, ReferencePool(tiny_model.encoder), ColorizeOptions(), page_batch=2))
+    assert [r.name for r in results] == [f"page_{i:04d}" for i in range(7)]
+    assert batches == [["page_0000", "page_0001"], ["page_0002"], ["page_0003"], ["page_0004"], ["page_0005", "page_0006"]]
 
 
 # ---- compile (explicit configuration step) -------------------------------------------------------------
