@@ -75,6 +75,14 @@ class ColorFlowModel:
         requested = self.default_guidance_scale if requested is None else requested
         return self.preset.guidance(requested) if not self.preset.is_auto else requested
 
+    def memory_needed(self, size: tuple[int, int], guidance: float | None = None, pages: int = 1) -> int:
+        """Estimated bytes a call for W×H pages needs on the compute device beyond the weights already there (what a
+        host such as ComfyUI should free first); see `colorflow_core.memory`."""
+        from .memory import memory_needed
+
+        plan = self.plan if self.plan is not None else self.run_plan()
+        return memory_needed(plan, size, self.default_guidance_scale if guidance is None else guidance, pages)
+
     def run_modules(self) -> dict[str, tuple[torch.nn.Module, ...]]:
         """stage → the modules of that stage (what presets stage, offload and count)."""
         modules = dict(self.pipeline.run_modules())
@@ -83,6 +91,19 @@ class ColorFlowModel:
         if isinstance(image_model, torch.nn.Module):
             modules["image_encoder"] = (image_model,)
         return modules
+
+    def run_plan(
+        self,
+        preset: str | Preset = "faithful",
+        placement: Placement | None = None,
+        *,
+        free_memory: Callable[[torch.device], int] | None = None,
+    ) -> RunPlan:
+        """`preset` bound to this model's modules and `placement` (default: this model's): what a view carries."""
+        if placement is None:
+            placement = self.plan.placement if self.plan is not None else Placement(self.pipeline.device)
+        family = "pixart" if getattr(self.pipeline, "transformer", None) is not None else "sd"
+        return RunPlan(get_preset(preset), placement, self.run_modules(), family, free_memory)
 
     def with_preset(
         self,
@@ -98,15 +119,13 @@ class ColorFlowModel:
         The view's pipeline and upscaler are shallow copies sharing all modules; each call under the preset stages
         what it needs and restores the shared modules exactly when it ends.
         """
-        preset = get_preset(preset)
-        if placement is None:
-            placement = self.plan.placement if self.plan is not None else Placement(self.pipeline.device)
-        modules = self.run_modules()
-        plain = preset == FAITHFUL and not placement.stage_devices and all(
-            lives_on(module, placement.device) for group in modules.values() for module in group
+        plan = self.run_plan(preset, placement, free_memory=free_memory)
+        modules = plan.modules
+        plain = plan.preset == FAITHFUL and not plan.placement.stage_devices and all(
+            lives_on(module, plan.placement.device) for group in modules.values() for module in group
         )
-        family = "pixart" if getattr(self.pipeline, "transformer", None) is not None else "sd"
-        plan = None if plain else RunPlan(preset, placement, modules, family, free_memory)
+        if plain:
+            plan = None
         pipeline = copy.copy(self.pipeline)
         pipeline.plan = plan
         upscaler = copy.copy(self.upscaler)
@@ -303,7 +322,7 @@ def load_colorflow(
     if preset.is_auto and home != device:
         from .memory import estimate, available
 
-        plan = RunPlan(preset, placement, model.run_modules(), "pixart" if style != "gray" else "sd", free_memory)
+        plan = model.run_plan(preset, placement, free_memory=free_memory)
         resident = estimate(plan, FAITHFUL, (512, 800), model.default_guidance_scale, assume_resident=True)
         if resident.peak <= available(plan):
             for group in model.run_modules().values():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .presets import AUTO_CANDIDATES, Preset
+from .presets import AUTO_CANDIDATES, FAITHFUL, Preset
 from .runtime import Placement, Run, RunPlan, lives_on, stage_dtype
 
 #: Live full-resolution maps of the first level's width, per image (see the module docstring).
@@ -198,12 +198,23 @@ def estimate(
     return Estimate(preset.name, stages, peak)
 
 
+def held(plan: RunPlan) -> int:
+    """Bytes the plan's own weights already hold on its compute device."""
+    device = plan.placement.device
+    return sum(_bytes(m) for modules in plan.modules.values() for m in modules if _on(m, device))
+
+
 def available(plan: RunPlan) -> int:
     """Free bytes on the plan's device plus what the plan's own weights already hold there (they are in the estimate)."""
-    device = plan.placement.device
     measure = plan.free_memory or free_memory
-    held = sum(_bytes(m) for modules in plan.modules.values() for m in modules if _on(m, device))
-    return int(measure(device)) + held
+    return int(measure(plan.placement.device)) + held(plan)
+
+
+def memory_needed(plan: RunPlan, size: tuple[int, int], guidance: float | None = None, pages: int = 1) -> int:
+    """Bytes a call for W×H pages would need on the device beyond what the plan's weights hold there already (for a
+    host to make room before it starts). `auto` counts as `faithful`: the most it would use."""
+    preset = FAITHFUL if plan.preset.is_auto else plan.preset
+    return max(0, estimate(plan, preset, size, guidance, pages=pages).peak - held(plan))
 
 
 def choose_preset(plan: RunPlan, size: tuple[int, int], guidance: float | None = None, pages: int = 1) -> Preset:

@@ -115,6 +115,12 @@ def low_vram_mode() -> bool:
     return in_comfyui() and model_management.vram_state.name in ("LOW_VRAM", "NO_VRAM")
 
 
+def make_room(needed: int, device: torch.device) -> None:
+    """Have ComfyUI unload its own models until `needed` bytes are free on the accelerator `device`."""
+    if in_comfyui() and device.type != "cpu":
+        model_management.free_memory(needed, device)
+
+
 def auto_dtype(device: torch.device) -> torch.dtype:
     """ComfyUI's choice of half precision for `device`; float16 on CUDA and float32 elsewhere when standalone."""
     if in_comfyui():

@@ -39,6 +39,8 @@ class ColorFlowSampler:
     def sample(self, model, canvas, mask, seed: int, steps: int, guidance: float, guider_scale: float):
         """Return (colourised canvases, their centre pages)."""
         pairs = pair_batches(images_to_pil(canvas), masks_to_pil(mask), "canvas and mask")
+        page_size = (pairs[0][0].width // 2, pairs[0][0].height // 2)
+        comfy_bridge.make_room(model.memory_needed(page_size, guidance), model.device)
         total = len(pairs) * steps
         progress = comfy_bridge.progress_bar(total)
         results = []
@@ -94,6 +96,7 @@ class ColorFlowGuidedUpscale:
                 screen_deterministic: bool | None = None):
         """Return the upscaled colour pages."""
         pairs = pair_batches(images_to_pil(page), images_to_pil(gray), "colour and gray pages")
+        comfy_bridge.make_room(model.memory_needed(pairs[0][0].size, sampler_guidance), model.device)
         method = inputs.preprocess_method(preprocess, model)
         progress = comfy_bridge.progress_bar(len(pairs))
         finals = []
@@ -172,6 +175,8 @@ class ColorFlowColorizeSequence:
             preprocess=None if preprocess == inputs.STYLE_DEFAULT else preprocess,  # None: the core uses the model's style's method
             screen_deterministic=screen_deterministic,
         )
+        batch = 1 if feed_back else min(page_batch, len(pictures))
+        comfy_bridge.make_room(model.memory_needed(sizes[0], guidance, pages=batch), model.device)
         total = len(pictures) * steps
         progress = comfy_bridge.progress_bar(total)
         pages_done = [0]

@@ -409,6 +409,10 @@ def test_auto_counts_every_page_of_a_denoise_batch(sd15_on_meta):
     view = sd15_on_meta.with_preset("auto", cuda, free_memory=lambda device: (one + eight) // 2)
     assert memory.choose_preset(view.plan, (512, 800), 7.5).name == "faithful"
     assert memory.choose_preset(view.plan, (512, 800), 7.5, pages=8).name != "faithful"
+    # What a host frees first: auto counts as faithful; weights already on the device are not asked for again.
+    assert memory.memory_needed(view.plan, (512, 800), 7.5, pages=8) == eight
+    low = sd15_on_meta.with_preset("low-vram", cuda).plan
+    assert memory.memory_needed(low, (512, 800), 7.5) == memory.estimate(low, get_preset("low-vram"), (512, 800), 7.5).peak < one
 
 
 def test_low_vram_tiles_the_canvas_decode_only_where_it_is_the_peak(sd15_on_meta):

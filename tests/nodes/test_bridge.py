@@ -27,6 +27,7 @@ def fake_comfy(monkeypatch, tmp_path):
         should_use_bf16=lambda device: True,
         soft_empty_cache=lambda: calls.append("soft_empty_cache"),
         unet_offload_device=lambda: torch.device("cpu"),
+        free_memory=lambda needed, device: calls.append(("free_memory", needed, device)),
         vram_state=types.SimpleNamespace(name="NORMAL_VRAM"),
         throw_exception_if_processing_interrupted=lambda: calls.append("interrupt_check"),
     )
@@ -80,6 +81,7 @@ def test_fallbacks_without_comfyui(pack, comfy_base):
     assert bridge.custom_node_folders() == [comfy_base / "custom_nodes"]
     assert bridge.intermediate_device() == torch.device("cpu")
     assert bridge.offload_device() == torch.device("cpu") and not bridge.low_vram_mode()
+    bridge.make_room(2**30, torch.device("cuda"))  # no ComfyUI: nothing to unload
     assert bridge.auto_dtype(torch.device("cpu")) == torch.float32
     bridge.progress_bar(3)(1, 3)
     bridge.check_interrupt()
@@ -103,6 +105,9 @@ def test_inside_comfyui_registers_folder_and_uses_its_services(fake_comfy):
     assert bridge.offload_device() == torch.device("cpu") and not bridge.low_vram_mode()
     bridge.model_management.vram_state = types.SimpleNamespace(name="LOW_VRAM")
     assert bridge.low_vram_mode()
+    bridge.make_room(10, torch.device("cpu"))  # system RAM is not ComfyUI's to manage here
+    bridge.make_room(2**30, torch.device("cuda", 0))
+    assert calls.pop() == ("free_memory", 2**30, torch.device("cuda", 0))
     progress = bridge.progress_bar(4)
     progress(2, 4)
     bridge.check_interrupt()

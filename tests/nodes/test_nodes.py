@@ -313,6 +313,26 @@ def test_comfyui_low_vram_mode_offloads_under_any_preset_with_the_same_numerics(
     assert (fast.offload, fast.keep_copies, fast.guidance_scale) == ("stage", False, 1.0)
 
 
+def test_heavy_nodes_ask_comfyui_for_room_before_they_run(pack, loaded, pool, pages, monkeypatch):
+    requests, asked = [], []
+    monkeypatch.setattr(pack.nodes.comfy_bridge, "make_room", lambda needed, device: requests.append((needed, device)))
+    model = loaded[0]
+    estimate = type(model).memory_needed
+
+    def recorded(self, size, guidance=None, pages=1):
+        asked.append((size, guidance, pages))
+        return estimate(self, size, guidance, pages)
+
+    monkeypatch.setattr(type(model), "memory_needed", recorded)
+    run(pack, "ColorFlowColorizeSequence", [model], [pool], [pages], [0], [STEPS], [7.5], [1.0],
+        ["custom"], [W], [H], ["gray"], [False], None, [2])
+    canvas, mask, _ = stitch(pack, pool, pages)
+    _, low = run(pack, "ColorFlowSampler", model, canvas, mask, 0, STEPS, 7.5, 1.0)
+    run(pack, "ColorFlowGuidedUpscale", model, low, pages, 0, 7.5, "gray", True)
+    assert [device for _, device in requests] == [model.device] * 3 and all(needed > 0 for needed, _ in requests)
+    assert asked == [((W, H), 7.5, 2), ((W, H), 7.5, 1), ((W, H), 7.5, 1)]
+
+
 def test_sequence_page_batch_gives_the_pages_of_one_at_a_time(pack, loaded, pool, pages, monkeypatch):
     reports = []
     monkeypatch.setattr(pack.nodes.comfy_bridge, "progress_bar", lambda total: lambda done, of: reports.append((done, of)))
