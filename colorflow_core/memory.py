@@ -47,15 +47,23 @@ def free_memory(device: torch.device) -> int:
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "mps":
         return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
+    pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return int(pages * size)
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """A `field:  N kB` line of a Linux /proc file (meminfo, self/status) in bytes; None where there is none."""
     try:
-        with open("/proc/meminfo") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    return int(pages * size)
+    return None
 
 
 def _bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:

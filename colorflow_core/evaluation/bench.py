@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..memory import proc_bytes
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -61,14 +63,7 @@ class MemoryMeter:
 
     @staticmethod
     def _hwm() -> int | None:
-        try:
-            with open("/proc/self/status") as handle:
-                for line in handle:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
+        return proc_bytes("/proc/self/status", "VmHWM")
 
     def current(self) -> int:
         """The peak since the last reset (bytes)."""
@@ -99,14 +94,8 @@ class MemoryMeter:
         """Memory in use now: allocated CUDA memory, or the current RSS."""
         if self.cuda:
             return int(torch.cuda.memory_allocated(self.device))
-        try:
-            with open("/proc/self/status") as handle:
-                for line in handle:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return self.current()
+        rss = proc_bytes("/proc/self/status", "VmRSS")
+        return self.current() if rss is None else rss
 
     def end(self) -> int:
         peak = max(self._stack.pop(), self.current())

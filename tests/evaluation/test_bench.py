@@ -81,6 +81,15 @@ def test_embedding_cache_check_passes_and_can_fail(tmp_path, monkeypatch):
     assert failed["second_run_embedded"] == 15 and not failed["ok"]
 
 
+def test_proc_fields_are_read_in_bytes_and_missing_ones_are_none(tmp_path):
+    from colorflow_core.memory import proc_bytes
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n")
+    assert proc_bytes(str(status), "VmRSS") == 1024 * 1024 and proc_bytes(str(status), "VmHWM") == 2048 * 1024
+    assert proc_bytes(str(status), "VmSwap") is None and proc_bytes(str(tmp_path / "absent"), "VmRSS") is None
+
+
 def test_retrieval_bench_rows():
     result = B.run_retrieval_bench([50, 400], dim=16, batches=[4, 8], repeats=2, torch_baseline=True)
     assert [(r["pool"], r["queries_per_search"]) for r in result["rows"]] == [(50, 4), (50, 8), (400, 4), (400, 8)]
