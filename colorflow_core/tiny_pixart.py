@@ -26,37 +26,23 @@ HEADS, HEAD_DIM = 3, 8
 LAYERS = 28
 TEXT_DIM = 32
 LORA_RANK = 4
+#: The dimensions the tiny transformer and its guider share (the guider mirrors the transformer's blocks).
+_TOY_WIDTH = dict(
+    num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4, num_layers=LAYERS,
+    cross_attention_dim=HEADS * HEAD_DIM, sample_size=128, norm_num_groups=8,
+)
 #: Release sub-folder per PixArt style.
 PIXART_FOLDERS = {"sketch": "sketch", "sketch_shading": "shading"}
 
 
 def tiny_pixart_transformer() -> PixArtTransformer2DModel:
     """A PixArt-XL-shaped transformer (28 blocks, learned sigma, T5 caption projection, micro-conditions) at toy width."""
-    return PixArtTransformer2DModel(
-        num_attention_heads=HEADS,
-        attention_head_dim=HEAD_DIM,
-        in_channels=4,
-        out_channels=8,
-        num_layers=LAYERS,
-        cross_attention_dim=HEADS * HEAD_DIM,
-        caption_channels=TEXT_DIM,
-        sample_size=128,
-        norm_num_groups=8,
-    )
+    return PixArtTransformer2DModel(**_TOY_WIDTH, out_channels=8, caption_channels=TEXT_DIM)
 
 
 def tiny_pixart_guider() -> ColorGuiderPixArtModel:
     """The PixArt ColorGuider at toy width: 14 blocks, 13-channel patch embedding, micro-condition embedders."""
-    return ColorGuiderPixArtModel(
-        num_attention_heads=HEADS,
-        attention_head_dim=HEAD_DIM,
-        in_channels=4,
-        cond_channels=9,
-        num_layers=LAYERS,
-        cross_attention_dim=HEADS * HEAD_DIM,
-        sample_size=128,
-        norm_num_groups=8,
-    )
+    return ColorGuiderPixArtModel(**_TOY_WIDTH, cond_channels=9)
 
 
 def tiny_t5() -> T5EncoderModel:

@@ -92,8 +92,8 @@ class ColorFlowScreenStyle:
         return (pil_to_images(blends), pil_to_images(screens))
 
 
-class ColorFlowLineExtract:
-    """The manga line extractor (erika): clean black-on-white lines, ColorFlow's Sketch input and guide."""
+class _LineExtractorNode:
+    """Inputs and run loop shared by the nodes built on the line extractor."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -102,6 +102,17 @@ class ColorFlowLineExtract:
             "line_extractor": line_extractor_input(),
             "device": inputs.DEVICE,
         }}
+
+    @staticmethod
+    def _run(image, line_extractor: str, device: str, work) -> list[list[Image.Image]]:
+        network = load_line_extractor(model_choices.line_extractor_file(line_extractor), inputs.device(device))
+        outputs = _each(image, lambda picture: work(picture, network))
+        comfy_bridge.soft_empty_cache()
+        return outputs
+
+
+class ColorFlowLineExtract(_LineExtractorNode):
+    """The manga line extractor (erika): clean black-on-white lines, ColorFlow's Sketch input and guide."""
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("lines",)
@@ -114,22 +125,12 @@ class ColorFlowLineExtract:
 
     def extract(self, image, line_extractor: str, device: str):
         """Return the line drawings, same sizes as the input."""
-        network = load_line_extractor(model_choices.line_extractor_file(line_extractor), inputs.device(device))
-        (lines,) = _each(image, lambda picture: (sketch_input(picture, network)[0],))
-        comfy_bridge.soft_empty_cache()
+        (lines,) = self._run(image, line_extractor, device, lambda picture, network: (sketch_input(picture, network)[0],))
         return (pil_to_images(lines),)
 
 
-class ColorFlowSketchShading:
+class ColorFlowSketchShading(_LineExtractorNode):
     """Sketch + shading: the extracted lines with the page's dark areas black and its mid-tones gray."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "image": IMAGE_IN,
-            "line_extractor": line_extractor_input(),
-            "device": inputs.DEVICE,
-        }}
 
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("shaded", "lines")
@@ -142,7 +143,5 @@ class ColorFlowSketchShading:
 
     def shade(self, image, line_extractor: str, device: str):
         """Return (shaded line drawings, pure line drawings), same sizes as the input."""
-        network = load_line_extractor(model_choices.line_extractor_file(line_extractor), inputs.device(device))
-        shaded, lines = _each(image, lambda picture: sketch_shading_input(picture, network))
-        comfy_bridge.soft_empty_cache()
+        shaded, lines = self._run(image, line_extractor, device, sketch_shading_input)
         return (pil_to_images(shaded), pil_to_images(lines))
