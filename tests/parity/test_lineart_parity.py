@@ -11,7 +11,7 @@ from colorflow_core.preprocessors import LineExtractor, find_erika
 from colorflow_core.preprocessors.line_extractor import lines_to_uint8, opencv_rgb2gray, padded_input
 from colorflow_core.weights import read_state_dict
 
-from .fixtures import tensors
+from .fixtures import assert_rel, tensors
 
 SIZES = ["64x64", "40x50"]  # 40x50 is not a multiple of 16: padded to 48x64 with ones
 
@@ -40,8 +40,8 @@ def test_network_reproduces_the_stored_raw_output(stage_g, extractor, size):
     with torch.no_grad():
         got = extractor.net(stage_g[f"model_input_{size}"])[0, 0]
     ref = stage_g[f"model_output_raw_{size}"]
-    assert got.shape == ref.shape
-    assert (got - ref).abs().max().item() <= 5e-4  # README tolerance; observed 0 here (bitwise equal)
+    # Relative to the magnitude (outputs reach ~400, where CPU kernels differ by a few float32 ulps).
+    assert_rel(got, ref, f"line extractor {size}")
 
 
 @pytest.mark.parametrize("size", SIZES)

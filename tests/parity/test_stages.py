@@ -180,7 +180,10 @@ def test_icp_end_to_end(model, parity_dir):
     result = model.pipeline(
         image(b["canvas"]), image(b["mask_resized"]), num_inference_steps=3, generator=latent_gen, posterior_generator=posterior_gen
     )
-    assert (result.latents - e["final_latents"]).abs().max().item() < 1e-3
+    # The README's ~1e-3 at a peak of 64, as a bound relative to the latents' magnitude (thread counts and CPU kernels
+    # reorder the 3 steps' sums).
+    worst = (result.latents - e["final_latents"]).abs().max().item()
+    assert worst <= 2e-5 * e["final_latents"].abs().max().item()
     diff = np.abs(np.asarray(result.canvas).astype(int) - arrays(parity_dir, "stage_e_icp_image")["icp_image"])
     assert diff.max() <= 1 and (diff > 0).sum() <= 50
 
