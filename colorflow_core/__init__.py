@@ -10,7 +10,12 @@ from .errors import ColorFlowError, IncompatibleWeightsError, InvalidInputError,
 
 _LAZY = {
     "load_colorflow": "loading",
-    "ColorFlowModel": "loading",
+    "ColorFlowModel": "model",
+    "PageSettings": "settings",
+    "resolve": "settings",
+    "PageObserver": "observe",
+    "prepare_canvas": "sequence",
+    "STYLES": "styles",
     "ReferencePool": "retrieval",
     "Retrieval": "retrieval",
     "ReleaseClipEncoder": "retrieval",

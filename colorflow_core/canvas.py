@@ -20,7 +20,7 @@ _MASK_SIZE, _MASK_LO, _MASK_HI = 512, 128, 384
 
 
 @dataclass(frozen=True)
-class Placement:
+class PatchPlacement:
     """Where one retrieved patch went: its quadrant, rank, candidate index and canvas box."""
 
     quadrant: int
@@ -35,7 +35,7 @@ class Canvas:
 
     image: Image.Image
     mask: Image.Image
-    placements: tuple[Placement, ...]
+    placements: tuple[PatchPlacement, ...]
 
     @property
     def query_size(self) -> tuple[int, int]:
@@ -64,7 +64,7 @@ def build_canvas(query: Image.Image, patches: list[list[Image.Image]], candidate
             left, top = col * cell_w + 1, row * cell_h + 1
             canvas.paste(patch.convert("RGB").resize((cell_w - 2, cell_h - 2)), (left, top))
             index = candidates[quadrant][rank] if candidates is not None else -1
-            placements.append(Placement(quadrant, rank, index, (left, top, left + cell_w - 2, top + cell_h - 2)))
+            placements.append(PatchPlacement(quadrant, rank, index, (left, top, left + cell_w - 2, top + cell_h - 2)))
     return Canvas(canvas, canvas_mask(width, height), tuple(placements))
 
 

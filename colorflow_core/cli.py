@@ -6,10 +6,21 @@ import json
 import sys
 from pathlib import Path
 
+from .configured import DTYPES, resolve_device
 from .errors import ColorFlowError
-from .imaging import list_images
+from .evaluation.cli import register as register_evaluation
+from .imaging import auto_size, check_query_size, list_images, load_image, process_image
+from .loading import load_colorflow
+from .options import ColorizeOptions
+from .preprocessors import NEEDS, RELEASE_FILES, Preprocessors, preprocess_image
 from .presets import PRESET_NAMES
-from .weights import COLORFLOW_REPO, SD15_REPO
+from .retrieval import OpenClipEncoder, ReferencePool
+from .retrieval.store import write_json, write_png
+from .compiling import compile_models
+from .sequence import colorize_pages
+from .styles import PREPROCESS_METHODS, STYLE_NAMES, get_style
+from .tiny import write_tiny_release
+from .weights import COLORFLOW_REPO, SD15_REPO, resolve_snapshot
 
 
 def _pages(items: list[str]) -> list[Path]:
@@ -47,8 +58,6 @@ def _stderr_progress(stage: str, done: int, total: int) -> None:
 
 def save_intermediates(folder: Path, result) -> None:
     """canvas, mask, icp, lowres, final and retrieval.json of one page under `folder/<page stem>/`."""
-    from .retrieval.store import write_json, write_png
-
     page_dir = folder / result.name
     for name, image in (
         ("canvas", result.canvas.image),
@@ -68,63 +77,25 @@ def _encoder(spec: str, model):
     kind, _, rest = spec.partition(":")
     if kind != "open_clip" or not rest:
         raise ColorFlowError(f"unknown encoder '{spec}' (use 'release' or 'open_clip:MODEL[:WEIGHTS]')")
-    from .retrieval import OpenClipEncoder
-
     name, _, weights = rest.partition(":")
     return OpenClipEncoder(name, weights or None, device=model.device)
 
 
-#: Upstream's page preprocessing per style (Sketch_Shading's shading is part of its own method).
-STYLE_PREPROCESS = {"gray": "screen", "sketch": "sketch", "sketch_shading": "sketch_shading"}
-
-
-def style_settings(style: str, preprocess: str | None, guidance: float | None) -> tuple[str, float]:
-    """(preprocessing method, CFG scale): the user's choices, else the style's upstream defaults."""
-    from .loading import STYLE_GUIDANCE
-    from .options import PREPROCESSORS
-
-    if style not in STYLE_GUIDANCE:
-        raise ColorFlowError(f"style '{style}' is not available (choose {', '.join(STYLE_GUIDANCE)})")
-    guidance = STYLE_GUIDANCE[style] if guidance is None else guidance
-    if preprocess is None:
-        preprocess = STYLE_PREPROCESS[style]
-        if preprocess not in PREPROCESSORS:
-            raise ColorFlowError(
-                f"style '{style}' is preprocessed with the '{preprocess}' line extractor, which this installation does "
-                "not provide; pass --preprocess none (page used as it is) or --preprocess gray"
-            )
-    return preprocess, guidance
-
-
 def colorize(args: argparse.Namespace) -> int:
     """Run the whole pipeline over the given pages; write `<out>/<page stem>.png`."""
-    from .loading import load_colorflow
-    from .options import ColorizeOptions
-    from .presets import get_preset
-    from .retrieval import ReferencePool
-    from .retrieval.store import write_png
-    from .sequence import colorize_pages
-
     pages = _pages(args.pages)
-    preprocess, guidance = style_settings(args.style, args.preprocess, args.guidance)
-    preset = get_preset(args.preset)
-    if args.guidance is not None and preset.guidance_scale is not None:
-        preset = preset.replace(guidance_scale=None)  # an explicit --guidance wins over the preset's
     if args.page_batch < 1:
         raise ColorFlowError("--page-batch must be at least 1")
     options = ColorizeOptions(
-        size=_size(args), steps=args.steps, seed=args.seed, guidance_scale=guidance,
-        guider_scale=args.guider_scale, preprocess=preprocess, sample_posterior=not args.posterior_mode,
-        screen_deterministic=args.screen_deterministic,
+        size=_size(args), steps=args.steps, seed=args.seed, guidance_scale=args.guidance, guider_scale=args.guider_scale,
+        preprocess=args.preprocess, sample_posterior=not args.posterior_mode, screen_deterministic=args.screen_deterministic,
     )
-    print(f"loading models (preset {preset.name})…", file=sys.stderr, flush=True)
+    print(f"loading models (preset {args.preset})…", file=sys.stderr, flush=True)
     model = load_colorflow(
         args.colorflow, args.base, style=args.style, device=args.device, dtype=args.dtype, allow_download=args.download,
-        preset=preset,
+        preset=args.preset,
     )
     if args.compile:
-        from .runtime import compile_models
-
         compile_models(model.run_modules()["denoiser"])
         print("torch.compile: the first page compiles the denoiser blocks (slow), later pages reuse them",
               file=sys.stderr, flush=True)
@@ -132,8 +103,10 @@ def colorize(args: argparse.Namespace) -> int:
     added = pool.add(args.refs)
     print(f"{len(pool)} references in the pool ({added} new)", file=sys.stderr, flush=True)
     out = Path(args.out)
-    results = colorize_pages(model, pages, pool, options, feed_back=args.feed_back, progress=_stderr_progress,
-                             page_batch=args.page_batch)
+    results = colorize_pages(
+        model, pages, pool, options, feed_back=args.feed_back or args.feed_back_into_pool,
+        feed_back_into_pool=args.feed_back_into_pool, progress=_stderr_progress, page_batch=args.page_batch,
+    )
     for result in results:
         write_png(out / f"{result.name}.png", result.final)
         if args.save_intermediates:
@@ -143,14 +116,8 @@ def colorize(args: argparse.Namespace) -> int:
 
 def preprocess(args: argparse.Namespace) -> int:
     """Write each page's preprocessed input context and guide: `<out>/<stem>_context.png`, `<stem>_guide.png`."""
-    from .imaging import auto_size, check_query_size, load_image, process_image
-    from .loading import resolve_device
-    from .preprocessors import NEEDS, RELEASE_FILES, STYLE_METHODS, Preprocessors, preprocess_image
-    from .retrieval.store import write_png
-    from .weights import resolve_snapshot
-
     pages = _pages(args.pages)
-    method = args.preprocess or STYLE_METHODS[args.style]
+    method = args.preprocess or get_style(args.style).preprocess
     size, native = _size(args), args.size == "native"
     if size is not None:
         check_query_size(*size)
@@ -173,8 +140,6 @@ def preprocess(args: argparse.Namespace) -> int:
 
 def make_tiny(args: argparse.Namespace) -> int:
     """Write tiny random weights in the release layout."""
-    from .tiny import write_tiny_release
-
     release, base = write_tiny_release(Path(args.folder), seed=args.seed)
     print(json.dumps({"colorflow": str(release), "base": str(base), "pixart": str(Path(args.folder) / "pixart")}))
     return 0
@@ -191,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                      f"default {SD15_REPO}; styles sketch/sketch_shading: PixArt-XL-2-1024-MS diffusers folder or repo id")
     run.add_argument("--refs", nargs="+", required=True, help="reference images or folders")
     run.add_argument("--out", required=True, help="output folder (gets <page stem>.png)")
-    run.add_argument("--style", default="gray", choices=["gray", "sketch", "sketch_shading"],
+    run.add_argument("--style", default="gray", choices=STYLE_NAMES,
                      help="input style: gray (SD1.5) or sketch / sketch_shading (line art, PixArt-α)")
-    run.add_argument("--preprocess", default=None, choices=["screen", "gray", "none", "sketch", "sketch_shading"],
+    run.add_argument("--preprocess", default=None, choices=PREPROCESS_METHODS,
                      help="page preprocessing (default: the style's: gray → screen, sketch → sketch, …)")
     run.add_argument("--screen-deterministic", action="store_true",
                      help="ScreenStyle without its dropout and noise (otherwise they are seeded by --seed)")
@@ -205,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--guidance", type=float, help="CFG scale (default: the style's, 7.5 gray / 4.5 sketch); 1.0 = no CFG (twice as fast)")
     run.add_argument("--guider-scale", type=float, default=1.0, help="strength of the colour guider residuals")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-    run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+    run.add_argument("--dtype", default=None, choices=list(DTYPES),
                      help="weight dtype (default float32; half precision on a GPU for --preset fast/low-vram/auto)")
     run.add_argument("--preset", default="faithful", choices=list(PRESET_NAMES),
                      help="faithful: upstream numerics (default); fast: no CFG, LoRA merged, bf16, each canvas half "
@@ -216,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "ignored with --feed-back)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the guider/UNet blocks (first page pays the compilation, minutes on a CPU)")
-    run.add_argument("--feed-back", action="store_true", help="add each finished page to the pool for later pages")
+    run.add_argument("--feed-back", action="store_true",
+                     help="each finished page joins the references for later pages (in memory: --pool is not changed)")
+    run.add_argument("--feed-back-into-pool", action="store_true",
+                     help="--feed-back, and the finished pages are added to --pool's store for good")
     run.add_argument("--pool", help="folder that persists the reference pool's embeddings between runs")
     run.add_argument("--encoder", default="release",
                      help="retrieval encoder: 'release' (CLIP ViT-H/14, as upstream) or 'open_clip:MODEL[:WEIGHTS]'")
@@ -227,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=colorize)
 
     prep = commands.add_parser("preprocess", help="write the preprocessed input (context and guide) of pages")
-    prep.add_argument("--style", default="gray", choices=["gray", "sketch", "sketch_shading"],
+    prep.add_argument("--style", default="gray", choices=STYLE_NAMES,
                       help="input style; picks the method: gray → screen, sketch → sketch, sketch_shading → sketch_shading")
-    prep.add_argument("--preprocess", choices=["screen", "gray", "none", "sketch", "sketch_shading"],
+    prep.add_argument("--preprocess", choices=PREPROCESS_METHODS,
                       help="override the style's method")
     prep.add_argument("--colorflow", default=COLORFLOW_REPO, help="ColorFlow release folder or Hugging Face repo id")
     prep.add_argument("--erika", help="line extractor weights (erika.pth, or a folder holding it); default <colorflow>/LE/erika.pth")
@@ -250,9 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=make_tiny)
 
-    from .evaluation.cli import register as register_evaluation  # evaluate, bench, make-chapter
-
-    register_evaluation(commands)
+    register_evaluation(commands)  # evaluate, bench, make-chapter
     return parser
 
 

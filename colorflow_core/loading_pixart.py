@@ -6,8 +6,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-from .loading import ColorFlowModel, load_configured, load_fusion, place_modules, resolve_snapshot
+from .configured import load_configured, load_fusion, place_modules
+from .model import ColorFlowModel
 from .models.color_guider_pixart import ColorGuiderPixArtModel, drop_alias_keys
 from .models.lora import PIXART_LORA_TARGETS, apply_lora
 from .pipelines.colorflow_pixart import ColorFlowPixArtPipeline
@@ -15,11 +17,10 @@ from .pipelines.guided_sr import GuidedSuperResolver
 from .preprocessors import PREPROCESSOR_FILES
 from .pipelines.t5_prompt import CACHE_FOLDER, T5PromptEncoder, user_cache_dir
 from .retrieval.encoders import ReleaseClipEncoder
-from .weights import find_weight_file, read_state_dict, require_file
+from .styles import get_style
+from .weights import find_weight_file, read_state_dict, require_file, resolve_snapshot
 
 PIXART_REPO = "PixArt-alpha/PixArt-XL-2-1024-MS"
-#: Release sub-folder per PixArt style.
-PIXART_STYLE_FOLDERS = {"sketch": "sketch", "sketch_shading": "shading"}
 SHIPPED_SCHEDULER = Path(__file__).parent / "configs" / "pixart" / "scheduler" / "scheduler_config.json"
 _PIXART_PATTERNS = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "tokenizer/*", "scheduler/*"]
 
@@ -35,8 +36,6 @@ def load_pixart_guider(folder: Path, root: Path | None = None) -> ColorGuiderPix
 
 
 def _rebuild_position_table(guider: ColorGuiderPixArtModel) -> None:
-    from diffusers.models.embeddings import get_2d_sincos_pos_embed
-
     embed = guider.pos_embed
     if getattr(embed, "pos_embed", None) is not None and embed.pos_embed.is_meta:
         grid = int(embed.height)
@@ -85,7 +84,7 @@ def load_pixart_colorflow(
     download_dir: str | Path | None = None,
 ) -> ColorFlowModel:
     """The ColorFlow model of a PixArt style; T5 is not loaded here (see `T5PromptEncoder`)."""
-    sub = PIXART_STYLE_FOLDERS[style]
+    sub = get_style(style).folder
     patterns = [f"{sub}/*", "image_encoder/*", *PREPROCESSOR_FILES]
     root = resolve_snapshot(colorflow, patterns, allow_download, "the ColorFlow release", download_dir)
     base_dir = resolve_snapshot(base, _PIXART_PATTERNS, allow_download, "the PixArt-α base model", download_dir)

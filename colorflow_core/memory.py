@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .presets import AUTO_CANDIDATES, FAITHFUL, Preset
-from .runtime import Placement, Run, RunPlan, lives_on, stage_dtype
+from .runtime import Placement, RunPlan, lives_on, stage_dtype
 
 #: Live full-resolution maps of the first level's width, per image (see the module docstring).
 VAE_ENCODE_MAPS = 5.03
@@ -86,11 +86,9 @@ def _first(modules: tuple[nn.Module, ...], attr: str):
     return None
 
 
-def activations(
-    plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: float | None, pages: int = 1
-) -> dict[str, int]:
-    """Estimated peak activation bytes per stage for W×H pages under `preset`, `pages` of them denoised as one batch
-    (the other stages take the pages one at a time)."""
+def activations(plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: float, pages: int = 1) -> dict[str, int]:
+    """Estimated peak activation bytes per stage for W×H pages under `preset` at CFG scale `guidance` (as resolved:
+    1.0 = no CFG), `pages` of them denoised as one batch (the other stages take the pages one at a time)."""
     width, height = size
     canvas_px, gsrp_px = 4 * width * height, 2.25 * width * height
     placement = plan.placement
@@ -105,8 +103,7 @@ def activations(
         dtype = stage_dtype(preset, stage, device, _dtype(modules), resident)
         return torch.empty((), dtype=dtype).element_size()
 
-    cfg = preset.guidance(guidance if guidance is not None else 7.5) > 1.0
-    rows = 2 if cfg else 1
+    rows = 2 if guidance > 1.0 else 1
     vae_bytes = nbytes("vae", vae)
     out: dict[str, int] = {
         "image_encoder": int(ENCODER_ACTIVATION * _width_ratio(plan.modules.get("image_encoder", ()), 1280)),
@@ -164,8 +161,7 @@ _STAGE_MODELS = {
 
 
 def estimate(
-    plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: float | None = None, assume_resident: bool = False,
-    pages: int = 1,
+    plan: RunPlan, preset: Preset, size: tuple[int, int], guidance: float, assume_resident: bool = False, pages: int = 1,
 ) -> Estimate:
     """Peak bytes on the compute device for W×H pages under `preset` (non-auto), `pages` denoised as one batch, given
     where the weights are now (`assume_resident`: as if every model had been moved to the device)."""
@@ -218,14 +214,14 @@ def available(plan: RunPlan) -> int:
     return int(measure(plan.placement.device)) + held(plan)
 
 
-def memory_needed(plan: RunPlan, size: tuple[int, int], guidance: float | None = None, pages: int = 1) -> int:
+def memory_needed(plan: RunPlan, size: tuple[int, int], guidance: float, pages: int = 1) -> int:
     """Bytes a call for W×H pages would need on the device beyond what the plan's weights hold there already (for a
     host to make room before it starts). `auto` counts as `faithful`: the most it would use."""
     preset = FAITHFUL if plan.preset.is_auto else plan.preset
     return max(0, estimate(plan, preset, size, guidance, pages=pages).peak - held(plan))
 
 
-def choose_preset(plan: RunPlan, size: tuple[int, int], guidance: float | None = None, pages: int = 1) -> Preset:
+def choose_preset(plan: RunPlan, size: tuple[int, int], guidance: float, pages: int = 1) -> Preset:
     """`auto`: the first of faithful, low-vram, low-vram-strict whose estimated peak fits the free memory; the
     smallest (with a warning) when none does."""
     budget = available(plan)
@@ -241,13 +237,13 @@ def choose_preset(plan: RunPlan, size: tuple[int, int], guidance: float | None =
     return smallest[0]
 
 
-def decode_is_peak(run: Run, canvas_size: tuple[int, int]) -> bool:
+def decode_is_peak(plan: RunPlan, preset: Preset, canvas_size: tuple[int, int], guidance: float) -> bool:
     """`vae_tiling="auto"`: tile the canvas decode when, untiled, it would need more than the denoise stage."""
-    vae = run.plan.modules.get("vae", ())
+    vae = plan.modules.get("vae", ())
     tile = _first(vae, "sample_size") or 512
     tile = tile[0] if isinstance(tile, (list, tuple)) else tile
     if canvas_size[0] <= tile and canvas_size[1] <= tile:
         return False
     size = (canvas_size[0] // 2, canvas_size[1] // 2)
-    found = estimate(run.plan, run.preset.replace(vae_tiling="never"), size)
+    found = estimate(plan, preset.replace(vae_tiling="never"), size, guidance)
     return found.stages["vae_decode"] > found.stages["denoise"]

@@ -1,34 +1,37 @@
-"""Per-run colorization options, upstream's defaults, and the seeded generators."""
+"""What a user asks of a run (`ColorizeOptions`, with None = "the model's style default"), and the seeded generators.
+
+The options are resolved against a loaded model once, by `colorflow_core.settings.resolve`; no front end resolves
+them itself.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .errors import InvalidInputError
 from .imaging import check_query_size
-
-PROMPT = "manga"
-NEGATIVE_PROMPT = ""
-PREPROCESSORS = ("gray", "none", "screen", "sketch", "sketch_shading")
+from .presets import get_preset
+from .styles import check_preprocess
 
 
 @dataclass(frozen=True)
 class ColorizeOptions:
-    """How to colour a page. `size=None` picks upstream's preset closest to each page's aspect ("auto")."""
+    """How to colour pages. Fields left None take the model's style default when resolved: `size` the upstream
+    preset closest to each page's aspect ("auto"), `guidance_scale` the preset's own scale (`fast`: 1.0) or the
+    style's (7.5 gray, 4.5 sketch styles), `preprocess` the style's page preparation, `preset` the model's."""
 
     size: tuple[int, int] | None = None
     steps: int = 10
     seed: int = 0
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
     guider_scale: float = 1.0
-    preprocess: str | None = None  # None: the style's upstream method (gray → screen, sketch → sketch, …)
+    preprocess: str | None = None
     screen_deterministic: bool = False  # ScreenStyle without dropout/noise (else seeded by `seed`)
     sample_posterior: bool = True
     batch_stat_norm: bool = True
     top_k: int = 3
-    #: A preset name (colorflow_core.presets) for this run; None = the model's own (faithful for a plain model).
-    #: A preset with a guidance scale of its own (`fast`: 1.0) overrides `guidance_scale`.
     preset: str | None = None
 
     def __post_init__(self):
@@ -36,15 +39,15 @@ class ColorizeOptions:
             check_query_size(*self.size)
         if self.steps < 1:
             raise InvalidInputError("steps must be at least 1")
-        if self.guidance_scale < 1.0:
-            raise InvalidInputError("guidance scale must be >= 1.0 (1.0 = no classifier-free guidance)")
-        if self.preprocess is not None and self.preprocess not in PREPROCESSORS:
-            raise InvalidInputError(f"unknown preprocess '{self.preprocess}' (choose {', '.join(PREPROCESSORS)})")
+        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1.0):
+            raise InvalidInputError("guidance scale must be a number >= 1.0 (1.0 = no classifier-free guidance)")
+        if not math.isfinite(self.guider_scale):
+            raise InvalidInputError("guider scale must be a finite number")
+        if self.preprocess is not None:
+            check_preprocess(self.preprocess)
         if not 0 <= self.seed < 2**63:
             raise InvalidInputError("seed must be a non-negative 64-bit integer")
         if self.preset is not None:
-            from .presets import get_preset
-
             get_preset(self.preset)
 
 
@@ -59,10 +62,10 @@ def make_generators(seed: int, device: torch.device | str) -> tuple[torch.Genera
 
 
 def gsrp_generator(seed: int, device: torch.device | str, canvas_size: tuple[int, int], cfg: bool) -> torch.Generator:
-    """The posterior generator as GSRP finds it after ICP drew its two canvas samples.
+    """The posterior generator as GSRP finds it after ICP drew its two canvas samples, rebuilt from the sampler's
+    seed and CFG choice (for graphs saved before the sampler passed its generator state on).
 
-    Lets a separately run upscaler reproduce the one-call result: the refs-only and query-only
-    canvases each drew a (batch, 4, 2H/8, 2W/8) sample first (batch 2 under CFG).
+    The refs-only and query-only canvases each drew a (batch, 4, 2H/8, 2W/8) sample first (batch 2 under CFG).
     """
     generator = make_generators(seed, device)[1]
     width, height = canvas_size

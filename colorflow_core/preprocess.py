@@ -1,14 +1,10 @@
 """Turn a page into the ICP input and the GSRP guide (both 1.5W×1.5H)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from PIL import Image
 
 from .imaging import process_image
-
-if TYPE_CHECKING:
-    from .preprocessors import Preprocessors
+from .preprocessors import Preprocessors, preprocess_image
 
 
 def prepare_page(
@@ -16,7 +12,7 @@ def prepare_page(
     size: tuple[int, int],
     method: str = "gray",
     *,
-    preprocessors: "Preprocessors | None" = None,
+    preprocessors: Preprocessors | None = None,
     seed: int = 0,
     deterministic: bool = False,
 ) -> tuple[Image.Image, Image.Image]:
@@ -27,8 +23,6 @@ def prepare_page(
     'sketch_shading': shaded lines as context, pure lines as guide. The networks come from
     `preprocessors` (e.g. `ColorFlowModel.preprocessors`) and load only when the method needs them.
     """
-    from .preprocessors import preprocess_image
-
     width, height = size
     large = process_image(page, int(1.5 * width), int(1.5 * height))
     return preprocess_image(large, method, preprocessors, seed=seed, deterministic=deterministic)

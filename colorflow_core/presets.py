@@ -34,7 +34,8 @@ class Preset:
 
     name: str
     description: str = ""
-    #: The CFG scale this preset runs at; None = the caller's (the style's upstream default unless set). 1.0 = no CFG.
+    #: The CFG scale this preset runs at when the options give none (None: the style's upstream scale); an explicit
+    #: guidance scale in the options always wins (`colorflow_core.settings`). 1.0 = no CFG.
     guidance_scale: float | None = None
     #: VAE-encode each canvas half at batch 1 and sample the CFG rows from the same moments (one random draw of the
     #: batch shape, as upstream's batch-2 encode makes), instead of encoding a batch of identical copies.
@@ -75,10 +76,6 @@ class Preset:
     def replace(self, **changes) -> "Preset":
         """A copy with some fields changed (the name is kept unless given)."""
         return dataclasses.replace(self, **changes)
-
-    def guidance(self, requested: float) -> float:
-        """The CFG scale a call runs at: this preset's, else the requested one."""
-        return requested if self.guidance_scale is None else self.guidance_scale
 
     @property
     def is_auto(self) -> bool:

@@ -6,21 +6,20 @@ not there already), and the denoiser's LoRA is merged if the preset asks; on exi
 — the very same tensor objects, so the shared model is left bit-for-bit as it was. With offload, the originals wait
 on the offload device and only the running stage's models occupy the accelerator.
 
-`activate(plan)` opens a run for one call (a page, an ICP call or a GSRP call); nested calls with the same plan join
-it. A model without a plan (what `load_colorflow` returns for the `faithful` preset) runs no stage logic at all.
-
-Compilation is not a per-call option: `compile_models` / `uncompile_models` are an explicit, reversible
-configuration step (compiled code computes the same function, but the first call pays for compilation).
+A `Run` is made once per call from settings already resolved (`colorflow_core.settings`: the preset `auto` has been
+replaced by the one it picked) and handed to the samplers and the upscaler explicitly; `None` stands for a plain
+model (what `load_colorflow` returns for the `faithful` preset), which runs no stage logic at all. Staging is an
+execution policy: it decides where weights live and in which dtype a stage computes, never what is computed.
 """
 from __future__ import annotations
 
 import contextlib
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .presets import HALF, Preset
@@ -240,10 +239,6 @@ def stage_module(
 
 # --------------------------------------------------------------------------------------------- LoRA merge
 def _lora_layers(module: nn.Module) -> list:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return []
     return [m for m in module.modules() if isinstance(m, LoraLayer)]
 
 
@@ -318,13 +313,14 @@ class Run:
     """One call's execution of a (resolved, non-auto) preset."""
 
     def __init__(self, plan: RunPlan, preset: Preset):
+        if preset.is_auto:
+            raise ValueError("a run executes a concrete preset: resolve 'auto' first (colorflow_core.settings)")
         self.plan = plan
         self.preset = preset
         self.placement = plan.placement
         self.device = plan.placement.device
         #: ("enter" | "exit", stage, module class names, device) — what was staged, in order (tests, debugging).
         self.events: list[tuple[str, str, tuple[str, ...], str]] = []
-        self._tile_decisions: dict[tuple[int, int], bool] = {}
 
     @property
     def per_model(self) -> bool:
@@ -364,17 +360,6 @@ class Run:
         finally:
             self.events.append(("exit", stage, names, str(device)))
 
-    def tile_decode(self, canvas_size: tuple[int, int]) -> bool:
-        """Whether the 2W×2H canvas decode is tiled under this preset."""
-        mode = self.preset.vae_tiling
-        if mode != "auto":
-            return mode == "always"
-        if canvas_size not in self._tile_decisions:
-            from .memory import decode_is_peak
-
-            self._tile_decisions[canvas_size] = decode_is_peak(self, canvas_size)
-        return self._tile_decisions[canvas_size]
-
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
     for param in module.parameters():
@@ -383,102 +368,22 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-_ACTIVE: ContextVar[Run | None] = ContextVar("colorflow_run", default=None)
-
-
-def active_run() -> Run | None:
-    """The run of the call in progress (None outside any, or for a model without a plan)."""
-    return _ACTIVE.get()
-
-
-@contextlib.contextmanager
-def activate(
-    plan: RunPlan | None, *, size: tuple[int, int] | None = None, guidance: float | None = None, pages: int = 1
-) -> Iterator[Run | None]:
-    """Open a run of `plan` for one call (`size` = the page's W×H, for `auto`); join the active run of the same plan.
-
-    A None plan (a plain, faithful model) yields None and changes nothing."""
-    if plan is None:
-        token = _ACTIVE.set(None)  # a plain model inside another model's run stages nothing
-        try:
-            yield None
-        finally:
-            _ACTIVE.reset(token)
-        return
-    active = _ACTIVE.get()
-    if active is not None and active.plan is plan:
-        yield active
-        return
-    preset = plan.preset
-    if preset.is_auto:
-        from .memory import choose_preset
-
-        preset = choose_preset(plan, size or (512, 800), guidance, pages)
-    run = Run(plan, preset)
-    token = _ACTIVE.set(run)
-    try:
-        yield run
-    finally:
-        _ACTIVE.reset(token)
-
-
-def stage(stage_name: str, *modules: nn.Module) -> contextlib.AbstractContextManager:
-    """`active_run().stage(...)`, or a no-op block (yielding None) when no run is active."""
-    run = _ACTIVE.get()
+def stage(run: Run | None, stage_name: str, *modules: nn.Module) -> contextlib.AbstractContextManager:
+    """`run.stage(...)`, or a no-op block (yielding None) for a plain model (`run` None)."""
     return run.stage(stage_name, *modules) if run is not None else contextlib.nullcontext(None)
 
 
-def denoise_stage(guider: nn.Module, denoiser: nn.Module) -> contextlib.AbstractContextManager:
+def denoise_stage(run: Run | None, guider: nn.Module, denoiser: nn.Module) -> contextlib.AbstractContextManager:
     """The "denoiser" stage around the whole denoising loop; a no-op block when the two models take turns per step
-    (offload "model": see `model_turn`) or no run is active."""
-    run = _ACTIVE.get()
+    (offload "model": see `model_turn`) or for a plain model."""
     if run is None or run.per_model:
         return contextlib.nullcontext(None)
     return run.stage("denoiser", guider, denoiser)
 
 
-def model_turn(module: nn.Module) -> contextlib.AbstractContextManager:
+def model_turn(run: Run | None, module: nn.Module) -> contextlib.AbstractContextManager:
     """`module` alone in the "denoiser" stage for one call when the guider and the denoiser take turns per step;
     else a no-op block (the whole loop is already staged by `denoise_stage`)."""
-    run = _ACTIVE.get()
     if run is None or not run.per_model:
         return contextlib.nullcontext(None)
     return run.stage("denoiser", module)
-
-
-# --------------------------------------------------------------------------------------------- compile
-#: Block classes compiled regionally: the residual-injection hooks sit on the modules around them, so hooks
-#: changing every step cost no recompilation.
-COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
-
-
-def compile_models(modules: Sequence[nn.Module], **compile_kwargs) -> int:
-    """torch.compile the repeated blocks (transformer blocks, resnets) of `modules` in place; return how many.
-
-    An explicit configuration step (not a preset): the first call at each new shape pays for compilation (tens of
-    seconds to minutes with inductor), later calls run the compiled code. `uncompile_models` undoes it.
-    """
-    count = 0
-    for module in modules:
-        for sub in module.modules():
-            if type(sub).__name__ in COMPILED_BLOCKS and getattr(sub, "_compiled_call_impl", None) is None:
-                sub.compile(**compile_kwargs)
-                count += 1
-    # Blocks of one class share a code object, and each width/shape is one more specialisation of it: past
-    # dynamo's default limit (8) the remaining blocks would silently run eagerly.
-    from torch._dynamo import config as dynamo_config
-
-    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), count))
-    return count
-
-
-def uncompile_models(modules: Sequence[nn.Module]) -> int:
-    """Undo `compile_models`: the blocks run eagerly again. Returns how many were compiled."""
-    count = 0
-    for module in modules:
-        for sub in module.modules():
-            if getattr(sub, "_compiled_call_impl", None) is not None:
-                sub._compiled_call_impl = None
-                count += 1
-    return count

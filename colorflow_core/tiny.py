@@ -6,18 +6,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from .models.color_guider import ColorGuiderSDModel
-from .models.fusion import MultiHiddenResNetModel
 from .models.lora import SD_LORA_TARGETS
+from .preprocessors.tiny_weights import write_tiny_preprocessors
+from .tiny_common import VAE_BLOCKS, randomize_, tiny_vae, write_tiny_fusion
+from .tiny_pixart import write_tiny_pixart
 
 CONFIGS = Path(__file__).parent / "configs"
 #: Tiny widths; four distinct-enough levels keep every conv_shortcut of the release (626 guider keys).
 BLOCKS = (16, 32, 64, 64)
-VAE_BLOCKS = (8, 16, 32, 32)
 TEXT_DIM = 32
 LORA_RANK = 4
 _SPECIALS = ("<|startoftext|>", "<|endoftext|>")
@@ -56,11 +57,6 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def randomize_(tensor: torch.Tensor, scale: float, generator: torch.Generator) -> None:
-    """Fill `tensor` in place with N(0, scale²) values drawn from `generator`."""
-    tensor.copy_(torch.randn(tensor.shape, generator=generator) * scale)
-
-
 def tiny_unet() -> UNet2DConditionModel:
     """An SD1.5-shaped UNet at tiny widths."""
     return UNet2DConditionModel(
@@ -79,31 +75,6 @@ def tiny_guider() -> ColorGuiderSDModel:
     """A ColorGuider at tiny widths with the released config keys and non-zero zero-convs."""
     guider = ColorGuiderSDModel(block_out_channels=BLOCKS, norm_num_groups=8, cross_attention_dim=TEXT_DIM)
     return guider
-
-
-def tiny_vae() -> AutoencoderKL:
-    """An SD-shaped VAE (scale factor 8) at tiny widths."""
-    return AutoencoderKL(
-        block_out_channels=VAE_BLOCKS,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        scaling_factor=0.18215,
-    )
-
-
-def write_tiny_fusion(folder: Path, vae_blocks: tuple[int, ...], generator: torch.Generator) -> None:
-    """`folder/MultiResNetModel.bin` for a VAE with `vae_blocks`, with non-trivial BatchNorm statistics."""
-    fusion = MultiHiddenResNetModel(channels_list=(vae_blocks[0], *vae_blocks))
-    with torch.no_grad():
-        for name, buffer in fusion.named_buffers():
-            if name.endswith("running_var"):
-                buffer.uniform_(0.5, 2.0, generator=generator)
-            elif name.endswith("running_mean"):
-                randomize_(buffer, 0.1, generator)
-    torch.save(fusion.state_dict(), folder / "MultiResNetModel.bin")
 
 
 def lora_state_dict(unet: UNet2DConditionModel, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -164,10 +135,6 @@ def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
         image_size=224, patch_size=14, projection_dim=16,
     )
     CLIPVisionModelWithProjection(vision).save_pretrained(release / "image_encoder")
-    from .preprocessors.tiny_weights import write_tiny_preprocessors  # LE/erika.pth, ScreenStyle/…
-
-    write_tiny_preprocessors(release, generator)
-    from .tiny_pixart import write_tiny_pixart  # the PixArt styles: colorflow/sketch, colorflow/shading, pixart/
-
+    write_tiny_preprocessors(release, generator)  # LE/erika.pth, ScreenStyle/…
     write_tiny_pixart(release, folder / "pixart", seed=seed)
     return release, base

@@ -18,7 +18,8 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from .models.color_guider_pixart import ColorGuiderPixArtModel, with_alias_keys
 from .models.lora import PIXART_LORA_TARGETS
-from .tiny import randomize_, write_tiny_fusion
+from .styles import STYLES
+from .tiny_common import VAE_BLOCKS, randomize_, tiny_vae, write_tiny_fusion
 
 CONFIGS = Path(__file__).parent / "configs" / "pixart"
 #: 3 heads × 8: the width must split in 3 (PixArt's resolution + aspect embedders take a third each).
@@ -32,7 +33,6 @@ _TOY_WIDTH = dict(
     cross_attention_dim=HEADS * HEAD_DIM, sample_size=128, norm_num_groups=8,
 )
 #: Release sub-folder per PixArt style.
-PIXART_FOLDERS = {"sketch": "sketch", "sketch_shading": "shading"}
 
 
 def tiny_pixart_transformer() -> PixArtTransformer2DModel:
@@ -109,8 +109,7 @@ def write_pixart_style(folder: Path, vae_blocks: tuple[int, ...], generator: tor
 
 def write_tiny_pixart(release: Path, base: Path, seed: int = 0) -> Path:
     """Write `release/sketch`, `release/shading` and the PixArt base folder `base`; return `base`."""
-    from .tiny import VAE_BLOCKS, tiny_vae  # the PixArt VAE is the SD architecture (sd-vae-ft-ema)
-
+    # The PixArt VAE is the SD architecture (sd-vae-ft-ema): the shared tiny VAE.
     if base.exists():
         shutil.rmtree(base)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -134,6 +133,7 @@ def write_tiny_pixart(release: Path, base: Path, seed: int = 0) -> Path:
         "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }, indent=2))
-    for sub in PIXART_FOLDERS.values():
-        write_pixart_style(release / sub, VAE_BLOCKS, generator)
+    for style in STYLES.values():
+        if style.family == "pixart":
+            write_pixart_style(release / style.folder, VAE_BLOCKS, generator)
     return base

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -24,6 +24,8 @@ MODEL_FOLDER = "colorflow"
 BASE_ENV = "COLORFLOW_COMFY_BASE"
 
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def in_comfyui() -> bool:
@@ -150,3 +152,36 @@ def soft_empty_cache() -> None:
         model_management.soft_empty_cache()
     elif torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def each(items: Sequence[T], work: Callable[[T, Progress], R], steps: int = 1) -> list[R]:
+    """`work(item, progress)` for every item under one progress bar of `len(items) * steps` (each item's `progress`
+    counts its own steps); Cancel is honoured between items and at every progress report; cached memory is
+    returned after."""
+    total = len(items) * steps
+    bar = progress_bar(total)
+    results = []
+    for index, item in enumerate(items):
+        check_interrupt()
+        offset = index * steps
+        results.append(work(item, lambda done, _total, offset=offset: bar(offset + done, total)))
+        bar(offset + steps, total)
+    soft_empty_cache()
+    return results
+
+
+def chapter_progress(pages: int, steps: int) -> Callable[[str, int, int], None]:
+    """The core page loop's `progress(stage, done, total)` as one bar over every page's steps, with Cancel checked at
+    each report."""
+    bar = progress_bar(pages * steps)
+    finished = [0]
+
+    def report(stage: str, done: int, _total: int) -> None:
+        check_interrupt()
+        if stage == "page":
+            finished[0] = done
+        else:
+            bar(finished[0] * steps + done, pages * steps)
+
+    return report
+

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
 from ..colorflow_core.errors import InvalidInputError
-from ..colorflow_core.imaging import PRESET_SIZES, auto_size, check_query_size
-from ..colorflow_core.loading import STYLE_GUIDANCE
+from ..colorflow_core.imaging import PRESET_SIZES, check_query_size
 from ..colorflow_core.options import ColorizeOptions
-from ..colorflow_core.preprocessors import NEEDS, STYLE_METHODS
+from ..colorflow_core.settings import memory_needed
+from ..colorflow_core.styles import PREPROCESS_METHODS, STYLES
 from . import comfy_bridge
 
 _DEFAULTS = ColorizeOptions()
@@ -18,7 +17,7 @@ SIZE_CHOICES = ["auto", *(f"{w}x{h}" for w, h in PRESET_SIZES), "custom"]
 #: The preprocess choice that follows the model's style (gray → screen, sketch → sketch, sketch_shading → sketch_shading).
 STYLE_DEFAULT = "style default"
 #: Page preparations; the list only ever grows at the end (saved workflows keep their values).
-PREPROCESS_CHOICES = ["gray", "none", "screen", "sketch", "sketch_shading", STYLE_DEFAULT]
+PREPROCESS_CHOICES = [*PREPROCESS_METHODS, STYLE_DEFAULT]
 DEVICE_CHOICES = ["auto", "cpu"]
 
 MODEL = ("COLORFLOW_MODEL", {"tooltip": "A ColorFlow model from the ColorFlow Model Loader."})
@@ -29,11 +28,11 @@ SEED = ("INT", {
 })
 STEPS = ("INT", {"default": _DEFAULTS.steps, "min": 1, "max": 200, "tooltip": "Denoising steps (upstream default 10)."})
 GUIDANCE = ("FLOAT", {
-    "default": _DEFAULTS.guidance_scale, "min": 1.0, "max": 30.0, "step": 0.1,
+    "default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
     "tooltip": (
-        f"Classifier-free guidance scale. Upstream uses {STYLE_GUIDANCE['gray']} for the gray style (SD1.5) and "
-        f"{STYLE_GUIDANCE['sketch']} for the sketch styles (PixArt-α): set {STYLE_GUIDANCE['sketch']} with a sketch model. "
-        "1.0 turns guidance off and halves the work."
+        "Classifier-free guidance scale. 0 = the default: the loader preset's own ('fast': 1.0, no guidance), else the "
+        f"style's upstream scale ({STYLES['gray'].guidance_scale} gray, {STYLES['sketch'].guidance_scale} sketch styles). "
+        "Any value from 1.0 is used as given; 1.0 turns guidance off and halves the work."
     ),
 })
 GUIDER_SCALE = ("FLOAT", {
@@ -71,30 +70,46 @@ def device(choice: str) -> torch.device:
     return comfy_bridge.torch_device() if choice == "auto" else torch.device(choice)
 
 
-def preprocess_method(choice: str, model=None) -> str:
-    """The core's preprocessing method for a PREPROCESS choice ('style default' → the model's style's method)."""
-    if choice != STYLE_DEFAULT:
-        return choice
-    if model is None:
-        raise InvalidInputError("preprocess 'style default' follows the model's style: connect the ColorFlow model")
-    return STYLE_METHODS[model.style]
-
-
-def page_preprocessors(method: str, model=None):
-    """The preprocessing networks a method needs (the model's release's), or None when it needs none."""
-    if method not in NEEDS:
+def guidance_option(value: float) -> float | None:
+    """The core's guidance option for a GUIDANCE value: 0 = None (resolved by the core), else the value."""
+    if value == 0:
         return None
-    if model is None:
-        raise InvalidInputError(
-            f"preprocess '{method}' runs the preprocessing networks of the model's release: connect the ColorFlow model"
-        )
-    return model.preprocessors
+    if not value >= 1.0:
+        raise InvalidInputError(f"guidance {value} is not allowed: 0 (the default) or a scale from 1.0")
+    return value
 
 
-def query_size(choice: str, width: int, height: int, page: Image.Image) -> tuple[int, int]:
-    """(W, H) of the page on the canvas for a size choice."""
+def preprocess_option(choice: str) -> str | None:
+    """The core's preprocess option for a PREPROCESS choice ('style default' = None: the model's style's method)."""
+    return None if choice == STYLE_DEFAULT else choice
+
+
+def size_option(choice: str, width: int, height: int) -> tuple[int, int] | None:
+    """The core's size option for a SIZE choice: None for 'auto' (each page's closest upstream preset)."""
     if choice == "auto":
-        return auto_size(page)
-    size = (width, height) if choice == "custom" else tuple(int(v) for v in choice.split("x"))
-    check_query_size(*size)
-    return size
+        return None
+    found = (width, height) if choice == "custom" else tuple(int(v) for v in choice.split("x"))
+    check_query_size(*found)
+    return found
+
+
+def colorize_options(
+    *, guidance: float = 0.0, preprocess: str = STYLE_DEFAULT, size: tuple[int, int] | None = None,
+    screen_deterministic: bool | None = None, **values,
+) -> ColorizeOptions:
+    """The core's options from widget values (guidance 0 and 'style default' mean the core's default)."""
+    return ColorizeOptions(
+        guidance_scale=guidance_option(guidance), preprocess=preprocess_option(preprocess), size=size,
+        screen_deterministic=bool(screen_deterministic), **values,
+    )
+
+
+def first(*lists: list | None, defaults: tuple = ()) -> list:
+    """The first value of each list input of an INPUT_IS_LIST node (an optional input left unconnected: its default)."""
+    defaults = defaults or (None,) * len(lists)
+    return [values[0] if values else default for values, default in zip(lists, defaults)]
+
+
+def make_room(model, options: ColorizeOptions, size: tuple[int, int], pages: int = 1) -> None:
+    """Have ComfyUI free what a call of `pages` W×H pages on `model` with `options` needs (the core's estimate)."""
+    comfy_bridge.make_room(memory_needed(model, options, size, pages), model.device)

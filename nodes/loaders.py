@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..colorflow_core.configured import DTYPES
 from ..colorflow_core.errors import MissingWeightsError
-from ..colorflow_core.loading import DTYPES, STYLE_FOLDERS, STYLE_GUIDANCE, ColorFlowModel, load_colorflow
+from ..colorflow_core.loading import load_colorflow
 from ..colorflow_core.loading_pixart import PIXART_REPO
+from ..colorflow_core.model import ColorFlowModel
 from ..colorflow_core.preprocessors import ERIKA_FILE, Preprocessors
 from ..colorflow_core.presets import PRESET_NAMES, describe_presets, get_preset
 from ..colorflow_core.retrieval.encoders import ReleaseClipEncoder
 from ..colorflow_core.runtime import Placement
+from ..colorflow_core.styles import STYLE_NAMES, STYLES, get_style
 from ..colorflow_core.weights import COLORFLOW_REPO, SD15_REPO
 from . import comfy_bridge, inputs, model_choices
 from .clip_vision import ClipVisionEncoder
@@ -42,12 +45,12 @@ class ColorFlowModelLoader:
                 "default": model_choices.BASE_NAME,
                 "tooltip": "SD1.5 base: a checkpoint from models/checkpoints/, or a diffusers folder under models/diffusers/ or models/colorflow/.",
             }),
-            "style": (list(STYLE_FOLDERS), {
+            "style": (list(STYLE_NAMES), {
                 "default": "gray",
                 "tooltip": (
                     "Input style: 'gray' = gray or screentoned pages (GraySD/, on the SD1.5 'base'); 'sketch' = line art "
                     "(sketch/), 'sketch_shading' = line art with shading (shading/), both on the PixArt-α 'pixart_base'. "
-                    f"Sampler guidance upstream: {STYLE_GUIDANCE['gray']} gray, {STYLE_GUIDANCE['sketch']} sketch styles."
+                    f"Sampler guidance upstream: {STYLES['gray'].guidance_scale} gray, {STYLES['sketch'].guidance_scale} sketch styles."
                 ),
             }),
             "dtype": (DTYPE_CHOICES, {"default": "auto", "tooltip": "Weight precision; 'auto' lets ComfyUI choose for the device."}),
@@ -85,27 +88,32 @@ class ColorFlowModelLoader:
              pixart_base: str | None = None, preset: str | None = None):
         """Load and return (model, its retrieval encoder)."""
         target = inputs.device(device)
-        run_preset = get_preset(preset)
-        if comfy_bridge.low_vram_mode():
-            run_preset = run_preset.offloaded()
-        if style == "gray":
-            base_location = _location(base, model_choices.base_path(base), SD15_REPO, auto_download)
-        else:
-            pixart_base = pixart_base or model_choices.PIXART_NAME
-            base_location = _location(pixart_base, model_choices.pixart_path(pixart_base), PIXART_REPO, auto_download)
         model = load_colorflow(
             _location(snapshot, model_choices.release_path(snapshot), COLORFLOW_REPO, auto_download),
-            base_location,
+            _base_location(style, base, pixart_base or model_choices.PIXART_NAME, auto_download),
             style=style,
             device=target,
             dtype=comfy_bridge.auto_dtype(target) if dtype == "auto" else dtype,
             allow_download=auto_download,
             download_dir=comfy_bridge.model_folders("colorflow")[0],
-            preset=run_preset,
+            preset=_host_preset(preset),
             placement=Placement(target, comfy_bridge.offload_device()),
         )
         _line_extractor_fallback(model)
         return (model, model.encoder)
+
+
+def _base_location(style: str, base: str, pixart_base: str, allow_download: bool) -> Path | str:
+    """The base model of the style's family: the SD1.5 choice for 'gray', the PixArt-α choice for the sketch styles."""
+    if get_style(style).family == "sd":
+        return _location(base, model_choices.base_path(base), SD15_REPO, allow_download)
+    return _location(pixart_base, model_choices.pixart_path(pixart_base), PIXART_REPO, allow_download)
+
+
+def _host_preset(name: str | None):
+    """The chosen preset; with idle weights kept off the GPU when ComfyUI runs with --lowvram / --novram."""
+    preset = get_preset(name)
+    return preset.offloaded() if comfy_bridge.low_vram_mode() else preset
 
 
 def _line_extractor_fallback(model: ColorFlowModel) -> None:

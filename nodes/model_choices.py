@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from ..colorflow_core.errors import MissingWeightsError
-from ..colorflow_core.loading import STYLE_FOLDERS
+from ..colorflow_core.styles import STYLES
 from ..colorflow_core.preprocessors import ERIKA_FILE
 from . import comfy_bridge
 
@@ -57,7 +57,7 @@ def _subfolders(kind: str) -> list[tuple[str, Path]]:
 
 
 def _is_release(folder: Path) -> bool:
-    subfolders = (ENCODER_FOLDER, *STYLE_FOLDERS.values(), *PREPROCESSOR_FOLDERS)
+    subfolders = (ENCODER_FOLDER, *(style.folder for style in STYLES.values()), *PREPROCESSOR_FOLDERS)
     return any((folder / sub).is_dir() for sub in subfolders)
 
 

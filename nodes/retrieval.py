@@ -1,22 +1,15 @@
 """Retrieval nodes: load pages, build a persisted reference pool, stitch the retrieval canvas."""
 from __future__ import annotations
 
-from PIL import Image
-
-from ..colorflow_core.canvas import Canvas, build_canvas
 from ..colorflow_core.errors import InvalidInputError
-from ..colorflow_core.imaging import load_image, process_image, to_rgb
-from ..colorflow_core.preprocess import prepare_page
-from ..colorflow_core.retrieval import ReferencePool, Retrieval
+from ..colorflow_core.imaging import load_image, to_rgb
+from ..colorflow_core.retrieval import ReferencePool
+from ..colorflow_core.sequence import prepare_canvas
 from . import comfy_bridge, inputs
 from .input_folders import ALLOW_OUTSIDE, FOLDER_TOOLTIP, folder_images, folder_signature
 from .pools import open_pool
 from .preview import retrieval_preview, retrieval_summary
 from .tensors import images_to_pil, pil_to_images, pil_to_masks
-
-#: Retrieved patches per query quadrant (the canvas has room for 3).
-TOP_K = 3
-
 
 class ColorFlowLoadPages:
     """Load every page of a chapter folder, in file-name order."""
@@ -89,20 +82,6 @@ class ColorFlowReferencePool:
         return {"ui": {"colorflow_info": [summary]}, "result": (pool, summary)}
 
 
-def stitch_page(
-    page: Image.Image, pool: ReferencePool, size: tuple[int, int], preprocess: str, *, model=None, seed: int = 0,
-    deterministic: bool = False,
-) -> tuple[Canvas, Retrieval, Image.Image]:
-    """The steps of colorflow_core.sequence.colorize_page before sampling: prepare, retrieve, stitch; also the guide."""
-    method = inputs.preprocess_method(preprocess, model)
-    context, guide = prepare_page(
-        page, size, method, preprocessors=inputs.page_preprocessors(method, model), seed=seed, deterministic=deterministic,
-    )
-    query = process_image(context, *size)
-    retrieval = pool.search(query, size=size, k=TOP_K, progress=comfy_bridge.progress_bar(len(pool)))
-    return build_canvas(query, retrieval.patches(), retrieval.indices.tolist()), retrieval, guide
-
-
 class ColorFlowStitchCanvas:
     """Retrieve reference patches for a gray page and stitch ColorFlow's 2W×2H canvas."""
 
@@ -139,22 +118,16 @@ class ColorFlowStitchCanvas:
     def stitch(self, page, pool: ReferencePool, size: str, width: int, height: int, preprocess: str, model=None,
                screen_seed: int | None = None, screen_deterministic: bool | None = None):
         """Return (canvases, masks, retrieval previews, guides)."""
-        pages = images_to_pil(page)
-        target = inputs.query_size(size, width, height, pages[0])
-        canvases, retrievals, guides = [], [], []
-        for picture in pages:
-            comfy_bridge.check_interrupt()
-            canvas, retrieval, guide = stitch_page(
-                picture, pool, target, preprocess, model=model, seed=screen_seed or 0, deterministic=bool(screen_deterministic),
-            )
-            canvases.append(canvas)
-            retrievals.append(retrieval)
-            guides.append(guide)
-        summary = "\n\n".join(retrieval_summary(r) for r in retrievals)
+        options = inputs.colorize_options(size=inputs.size_option(size, width, height), preprocess=preprocess,
+                                          seed=screen_seed or 0, screen_deterministic=screen_deterministic)
+        prepared = comfy_bridge.each(
+            images_to_pil(page), lambda picture, _progress: prepare_canvas(picture, pool, options, model)
+        )
+        summary = "\n\n".join(retrieval_summary(p.retrieval) for p in prepared)
         result = (
-            pil_to_images([c.image for c in canvases]),
-            pil_to_masks([c.mask for c in canvases]),
-            pil_to_images([retrieval_preview(r) for r in retrievals]),
-            pil_to_images(guides),
+            pil_to_images([p.canvas.image for p in prepared]),
+            pil_to_masks([p.canvas.mask for p in prepared]),
+            pil_to_images([retrieval_preview(p.retrieval) for p in prepared]),
+            pil_to_images([p.guide for p in prepared]),
         )
         return {"ui": {"colorflow_info": [summary]}, "result": result}

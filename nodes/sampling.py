@@ -1,18 +1,15 @@
 """Colouring nodes: the in-context sampler, the guided upscaler and the one-node chapter colorizer."""
 from __future__ import annotations
 
-from ..colorflow_core.errors import InvalidInputError
-from ..colorflow_core.options import ColorizeOptions, gsrp_generator, make_generators
-from ..colorflow_core.preprocess import prepare_page
-from ..colorflow_core.sequence import colorize_pages
+from ..colorflow_core.sequence import colorize_pages, pages_per_batch, sample_canvas, upscale
+from ..colorflow_core.settings import page_size
 from . import comfy_bridge, inputs
-from .comfy_bridge import Progress
-from .tensors import images_to_pil, masks_to_pil, pair_batches, pil_to_images
+from .tensors import images_to_pil, masks_to_pil, one_size, pair_batches, pil_to_images
 
-
-def _offset(progress: Progress, offset: int, total: int) -> Progress:
-    """Report one page's steps as part of the whole batch's progress."""
-    return lambda done, _total: progress(offset + done, total)
+#: Sampler results handed to Guided Upscale (the posterior generator state GSRP continues from).
+SAMPLE = ("COLORFLOW_SAMPLE", {
+    "tooltip": "The sampler's 'sample' output: GSRP continues its random stream, so seed and sampler_guidance are not needed.",
+})
 
 
 class ColorFlowSampler:
@@ -30,29 +27,22 @@ class ColorFlowSampler:
             "guider_scale": inputs.GUIDER_SCALE,
         }}
 
-    RETURN_TYPES = ("IMAGE", "IMAGE")
-    RETURN_NAMES = ("canvas", "page")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "COLORFLOW_SAMPLE")
+    RETURN_NAMES = ("canvas", "page", "sample")
     FUNCTION = "sample"
     CATEGORY = "ColorFlow/sampling"
-    DESCRIPTION = "Colours the page in the centre of the canvas from the reference patches around it; returns the whole canvas and the W×H page."
+    DESCRIPTION = (
+        "Colours the page in the centre of the canvas from the reference patches around it; returns the whole canvas, "
+        "the W×H page, and the sample state for Guided Upscale."
+    )
 
     def sample(self, model, canvas, mask, seed: int, steps: int, guidance: float, guider_scale: float):
-        """Return (colourised canvases, their centre pages)."""
+        """Return (colourised canvases, their centre pages, the samples)."""
+        options = inputs.colorize_options(seed=seed, steps=steps, guidance=guidance, guider_scale=guider_scale)
         pairs = pair_batches(images_to_pil(canvas), masks_to_pil(mask), "canvas and mask")
-        page_size = (pairs[0][0].width // 2, pairs[0][0].height // 2)
-        comfy_bridge.make_room(model.memory_needed(page_size, guidance), model.device)
-        total = len(pairs) * steps
-        progress = comfy_bridge.progress_bar(total)
-        results = []
-        for index, (picture, area) in enumerate(pairs):
-            comfy_bridge.check_interrupt()
-            latents, posterior = make_generators(seed, model.device)
-            results.append(model.pipeline(
-                picture, area, num_inference_steps=steps, guidance_scale=guidance, guider_scale=guider_scale,
-                generator=latents, posterior_generator=posterior, progress=_offset(progress, index * steps, total),
-            ))
-        comfy_bridge.soft_empty_cache()
-        return (pil_to_images([r.canvas for r in results]), pil_to_images([r.query for r in results]))
+        inputs.make_room(model, options, (pairs[0][0].width // 2, pairs[0][0].height // 2))
+        results = comfy_bridge.each(pairs, lambda pair, progress: sample_canvas(model, *pair, options, progress=progress), steps)
+        return (pil_to_images([r.canvas for r in results]), pil_to_images([r.query for r in results]), results)
 
 
 class ColorFlowGuidedUpscale:
@@ -73,14 +63,15 @@ class ColorFlowGuidedUpscale:
             "sampler_guidance": ("FLOAT", {
                 **inputs.GUIDANCE[1],
                 "tooltip": (
-                    "The sampler's guidance; with the sampler's seed it continues the same random stream, "
-                    "so the result equals the one-node chapter colorizer's."
+                    "Only without 'sample': the sampler's guidance, so that with the sampler's seed GSRP continues the "
+                    "same random stream as the one-node chapter colorizer."
                 ),
             }),
             "preprocess": inputs.PREPROCESS,
             "sample_posterior": ("BOOLEAN", {"default": True, "tooltip": "Sample the VAE posterior (upstream); off: use its mean."}),
         }, "optional": {
             "screen_deterministic": inputs.SCREEN_DETERMINISTIC,
+            "sample": SAMPLE,
         }}
 
     RETURN_TYPES = ("IMAGE",)
@@ -93,25 +84,14 @@ class ColorFlowGuidedUpscale:
     )
 
     def upscale(self, model, page, gray, seed: int, sampler_guidance: float, preprocess: str, sample_posterior: bool,
-                screen_deterministic: bool | None = None):
+                screen_deterministic: bool | None = None, sample=None):
         """Return the upscaled colour pages."""
+        options = inputs.colorize_options(seed=seed, guidance=sampler_guidance, preprocess=preprocess,
+                                          sample_posterior=sample_posterior, screen_deterministic=screen_deterministic)
         pairs = pair_batches(images_to_pil(page), images_to_pil(gray), "colour and gray pages")
-        comfy_bridge.make_room(model.memory_needed(pairs[0][0].size, sampler_guidance), model.device)
-        method = inputs.preprocess_method(preprocess, model)
-        progress = comfy_bridge.progress_bar(len(pairs))
-        finals = []
-        for index, (colour, line_art) in enumerate(pairs):
-            comfy_bridge.check_interrupt()
-            _context, guide = prepare_page(
-                line_art, colour.size, method, preprocessors=inputs.page_preprocessors(method, model), seed=seed,
-                deterministic=bool(screen_deterministic),
-            )
-            canvas_size = (2 * colour.width, 2 * colour.height)
-            cfg = model.effective_guidance(sampler_guidance) > 1.0  # the 'fast' preset samples without CFG
-            generator = gsrp_generator(seed, model.device, canvas_size, cfg=cfg)
-            finals.append(model.upscaler(colour, guide, generator=generator, sample_posterior=sample_posterior))
-            progress(index + 1, len(pairs))
-        comfy_bridge.soft_empty_cache()
+        items = pair_batches(pairs, sample or [None], "pages and samples")
+        inputs.make_room(model, options, pairs[0][0].size)
+        finals = comfy_bridge.each(items, lambda item, _progress: upscale(model, *item[0], options, item[1]))
         return (pil_to_images(finals),)
 
 
@@ -158,38 +138,16 @@ class ColorFlowColorizeSequence:
     def colorize(self, model, pool, pages, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back,
                  screen_deterministic=None, page_batch=None):
         """Return the colourised pages as one batch; every argument arrives as a list (INPUT_IS_LIST)."""
-        model, pool, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back = (
-            values[0] for values in (model, pool, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back)
+        model, pool, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back, deterministic, batch = (
+            inputs.first(model, pool, seed, steps, guidance, guider_scale, size, width, height, preprocess, feed_back,
+                         screen_deterministic, page_batch, defaults=(None,) * 11 + (False, 1))
         )
-        screen_deterministic = bool(screen_deterministic[0]) if screen_deterministic else False
-        page_batch = page_batch[0] if page_batch else 1
-        pictures = [picture for batch in pages for picture in images_to_pil(batch)]
-        if not pictures:
-            raise InvalidInputError("no pages to colorize")
-        sizes = [inputs.query_size(size, width, height, picture) for picture in pictures]
-        if len(set(sizes)) > 1:
-            shown = ", ".join(sorted({f"{w}x{h}" for w, h in sizes}))
-            raise InvalidInputError(f"size 'auto' gives these pages different sizes ({shown}); choose one size to colour them as one batch")
-        options = ColorizeOptions(
-            size=sizes[0], steps=steps, seed=seed, guidance_scale=guidance, guider_scale=guider_scale,
-            preprocess=None if preprocess == inputs.STYLE_DEFAULT else preprocess,  # None: the core uses the model's style's method
-            screen_deterministic=screen_deterministic,
-        )
-        batch = 1 if feed_back else min(page_batch, len(pictures))
-        comfy_bridge.make_room(model.memory_needed(sizes[0], guidance, pages=batch), model.device)
-        total = len(pictures) * steps
-        progress = comfy_bridge.progress_bar(total)
-        pages_done = [0]
-
-        def report(stage: str, done: int, _total: int) -> None:
-            comfy_bridge.check_interrupt()
-            if stage == "page":
-                pages_done[0] = done
-            else:
-                progress(pages_done[0] * steps + done, total)
-
-        work_pool = pool.fork() if feed_back else pool
-        results = colorize_pages(model, pictures, work_pool, options, feed_back=feed_back, progress=report, page_batch=page_batch)
-        finals = [r.final for r in results]
-        comfy_bridge.soft_empty_cache()
-        return (pil_to_images(finals),)
+        pictures = [picture for images in pages for picture in images_to_pil(images)]
+        options = inputs.colorize_options(seed=seed, steps=steps, guidance=guidance, guider_scale=guider_scale,
+                                          size=inputs.size_option(size, width, height), preprocess=preprocess,
+                                          screen_deterministic=deterministic)
+        sizes = one_size([page_size(options, picture) for picture in pictures], "size 'auto' gives these pages")
+        inputs.make_room(model, options, sizes, pages=pages_per_batch(model, batch, feed_back))
+        results = colorize_pages(model, pictures, pool, options, feed_back=feed_back, page_batch=batch,
+                                 progress=comfy_bridge.chapter_progress(len(pictures), steps))
+        return (pil_to_images([result.final for result in results]),)

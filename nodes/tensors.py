@@ -57,3 +57,13 @@ def pair_batches(first: list[T], second: list, what: str) -> list[tuple[T, objec
         raise InvalidInputError(f"{what}: batch sizes {len(first)} and {len(second)} do not match (give equal sizes, or one item)")
     count = max(len(first), len(second))
     return [(first[min(i, len(first) - 1)], second[min(i, len(second) - 1)]) for i in range(count)]
+
+
+def one_size(sizes: list[tuple[int, int]], what: str) -> tuple[int, int]:
+    """The one W×H of pages that go out as one IMAGE batch; a one-line error naming the sizes otherwise."""
+    if not sizes:
+        raise InvalidInputError("no pages to colorize")
+    if len(set(sizes)) > 1:
+        shown = ", ".join(sorted({f"{w}x{h}" for w, h in sizes}))
+        raise InvalidInputError(f"{what} different sizes ({shown}); choose one size to colour them as one batch")
+    return sizes[0]

@@ -47,3 +47,14 @@ def tiny_model(tiny_release):
 
     release, base = tiny_release
     return load_colorflow(release, base, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_sketch(tiny_release, tmp_path_factory):
+    """The tiny 'sketch' (PixArt) model, loaded once with its own prompt cache (tests must not mutate it)."""
+    from colorflow_core.loading import load_colorflow
+
+    release, _ = tiny_release
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COLORFLOW_CACHE", str(tmp_path_factory.mktemp("user_cache")))
+        return load_colorflow(release, release.parent / "pixart", style="sketch", prompt_cache=tmp_path_factory.mktemp("pc"))

@@ -4,9 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..retrieval import OpenClipEncoder, ReleaseClipEncoder
+from . import bench as B
+from . import metrics as M
+from .report import contact_sheet, evaluate_pages, format_table, load_folders, sheet_rows
+from .synthetic import make_chapter as build_chapter
+from .synthetic import write_chapter
 
 
 def _ints(text: str) -> list[int]:
@@ -19,8 +26,6 @@ def _ints(text: str) -> list[int]:
 def clip_encoder(spec: str, device: str = "cpu"):
     """'release:FOLDER' (a CLIPVisionModelWithProjection folder, e.g. the release's image_encoder/) or
     'open_clip:MODEL[:WEIGHTS_FILE_OR_CACHED_TAG]'."""
-    from ..retrieval import OpenClipEncoder, ReleaseClipEncoder
-
     kind, _, rest = spec.partition(":")
     if kind == "release" and rest:
         return ReleaseClipEncoder.from_pretrained(rest, device=device)
@@ -32,9 +37,6 @@ def clip_encoder(spec: str, device: str = "cpu"):
 
 def evaluate(args: argparse.Namespace) -> int:
     """Metrics of --pred against --gt (+ consistency with --labels): table, metrics.json, contact_sheet.png."""
-    from . import metrics as M
-    from .report import contact_sheet, evaluate_pages, format_table, load_folders, sheet_rows
-
     pred, gt = Path(args.pred), Path(args.gt)
     labels = Path(args.labels) if args.labels else None
     names, preds, gts, label_maps, table = load_folders(pred, gt, labels)
@@ -67,15 +69,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Per-stage timing/memory of one page, exact retrieval over large pools, embedding-cache check."""
-    import tempfile
-
-    from . import bench as B
-
     result: dict = {"machine": B.machine_info(args.device)}
-    if args.guidance is None:
-        from .. import loading
-
-        args.guidance = getattr(loading, "STYLE_GUIDANCE", {}).get(args.style, 7.5)
     config = B.PipelineBench(
         width=args.width, height=args.height, style=args.style, input_style=args.input_style, preprocess=args.preprocess,
         dtype=args.dtype, device=args.device, steps=args.steps, guidance=args.guidance, guider_scale=args.guider_scale,
@@ -117,19 +111,14 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def _cache_check(config, encoder, workdir: Path) -> dict:
-    from . import bench as B
-    from .synthetic import make_chapter
-
-    chapter = make_chapter(config.seed, n_references=config.references, n_pages=1, size=(256, 384))
+    chapter = build_chapter(config.seed, n_references=config.references, n_pages=1, size=(256, 384))
     return B.embedding_cache_check(encoder, [p.color for p in chapter.references], chapter.pages[0].input("screentone"),
                                    (config.width, config.height), workdir / "pool-store")
 
 
 def make_chapter(args: argparse.Namespace) -> int:
     """Write a synthetic chapter (references, ground truth, labels, B/W inputs in three styles)."""
-    from .synthetic import make_chapter as build, write_chapter
-
-    chapter = build(args.seed, n_references=args.references, n_pages=args.pages, n_characters=args.characters,
+    chapter = build_chapter(args.seed, n_references=args.references, n_pages=args.pages, n_characters=args.characters,
                     size=(args.width, args.height))
     folder = write_chapter(chapter, Path(args.folder))
     print(json.dumps({"chapter": str(folder), "references": len(chapter.references), "pages": len(chapter.pages)}))

@@ -12,6 +12,10 @@
   plus the largest pairwise ΔE00) and **error** = ΔE00 between the predicted and the ground-truth mean
   over the same pixels. ΔE is CIEDE2000 (Sharma, Wu & Dalal 2005); Lab is CIE 1976 L*a*b* of sRGB
   (IEC 61966-2-1) under D65.
+
+Why this module is long: each metric is a few small functions, and all of them share the image preparation (resize
+to the ground truth, uint8 ↔ float, Lab conversion); one module keeps one definition of each that `evaluate`, the
+benchmark and the tests all read.
 """
 from __future__ import annotations
 

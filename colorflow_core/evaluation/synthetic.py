@@ -13,6 +13,9 @@ on every page, coloured reference pages, and query pages. Each page comes with:
   `lineart_shading` (ink + flat gray shadows).
 
 `write_chapter` puts a chapter on disk (PNG + chapter.json); nothing is committed as binaries.
+
+Why this module is long: the chapter generator is one deterministic random stream (cast, layout, shading, inputs);
+split across modules its draw order — which the seeds' reproducibility rests on — would be spread out of sight.
 """
 from __future__ import annotations
 

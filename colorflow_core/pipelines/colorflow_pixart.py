@@ -1,7 +1,7 @@
 """In-context colorization (ICP) on PixArt-α: guider controls + LoRA transformer denoise the stitched canvas.
 
-Styles "sketch" and "sketch_shading" of the release. Same call and result as `ColorFlowSDPipeline`, so
-callers (CLI, page loop, ComfyUI sampler) treat both families alike.
+Styles "sketch" and "sketch_shading" of the release. Implements `ICPSampler` like `ColorFlowSDPipeline`, so callers
+(the page loop, the ComfyUI sampler) treat both families alike.
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .. import runtime
-from ..canvas import center_crop
 from ..errors import IncompatibleWeightsError
 from ..models.color_guider_pixart import ColorGuiderPixArtModel
 from ..models.pixart_injection import inject_controls
-from .condition import CanvasConditionMixin, ICPResult, ProgressFn
+from ..observe import NO_OBSERVER, PageObserver
+from .condition import NEGATIVE_PROMPT, PROMPT, ICPResult, ICPSampler, ProgressFn
 from .t5_prompt import PromptEmbeddings, T5PromptEncoder
 
 
@@ -37,14 +37,15 @@ def check_pixart_pair(transformer: PixArtTransformer2DModel, guider: ColorGuider
         raise IncompatibleWeightsError("PixArt ColorGuider does not fit the PixArt transformer: " + "; ".join(problems))
 
 
-class ColorFlowPixArtPipeline(CanvasConditionMixin, DiffusionPipeline):
+class ColorFlowPixArtPipeline(ICPSampler, DiffusionPipeline):
     """PixArt-α + ColorGuider + LoRA sampler over a ColorFlow canvas (upstream's ColorFlowPixArtAlphaPipeline,
     on stock diffusers). T5 is not a component: `prompt_encoder` serves cached embeddings and loads T5 only
     when the cache lacks the prompt."""
 
     model_cpu_offload_seq = "guider->transformer->vae"
-    #: Upstream's CFG scale for this family (the pipeline default the app used).
+    family = "pixart"
     default_guidance_scale = 4.5
+    batches_pages = False
 
     def __init__(
         self,
@@ -96,89 +97,99 @@ class ColorFlowPixArtPipeline(CanvasConditionMixin, DiffusionPipeline):
         return {"vae": (self.vae,), "denoiser": (self.guider, self.transformer)}
 
     @torch.no_grad()
-    def __call__(
+    def sample_pages(
         self,
-        canvas: Image.Image,
-        mask: Image.Image,
+        canvases: list[Image.Image],
+        masks: list[Image.Image],
         *,
-        prompt: str = "manga",
-        negative_prompt: str = "",
+        generators: list[torch.Generator | None],
+        posterior_generators: list[torch.Generator | None],
+        prompt: str = PROMPT,
+        negative_prompt: str = NEGATIVE_PROMPT,
         num_inference_steps: int = 10,
         guidance_scale: float | None = None,
         guider_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        posterior_generator: torch.Generator | None = None,
+        encode_once: bool = False,
+        tile_decode: bool = False,
+        run: runtime.Run | None = None,
+        observer: PageObserver = NO_OBSERVER,
         progress: ProgressFn | None = None,
-    ) -> ICPResult:
-        """Denoise the canvas; `generator` draws the initial noise, `posterior_generator` the VAE samples.
-
-        `guidance_scale` None = this family's default (4.5); 1.0 runs without CFG (one batch row, half the work).
-        Under a preset (`self.plan`) its guidance scale, if it has one, replaces this one.
-        """
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance_scale
-        with runtime.activate(self.plan, size=(canvas.width // 2, canvas.height // 2), guidance=guidance_scale) as run:
-            if run is not None:
-                guidance_scale = run.preset.guidance(guidance_scale)
-            self.check_inputs(canvas, mask, num_inference_steps, guidance_scale)
-            return self._sample(
-                run, canvas, mask, prompt, negative_prompt, num_inference_steps, guidance_scale, guider_scale,
-                generator, posterior_generator, progress,
+    ) -> list[ICPResult]:
+        """See `ICPSampler.sample_pages`; the canvases are denoised one after another."""
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        self.check_pages(canvases, masks, generators, posterior_generators, num_inference_steps, guidance_scale)
+        return [
+            self._sample_one(
+                canvas, mask, latent_generator, posterior_generator, prompt, negative_prompt, num_inference_steps,
+                guidance_scale, guider_scale, encode_once, tile_decode, run, observer, progress,
             )
+            for canvas, mask, latent_generator, posterior_generator in zip(canvases, masks, generators, posterior_generators)
+        ]
 
-    def _sample(
-        self, run, canvas, mask, prompt, negative_prompt, num_inference_steps, guidance_scale, guider_scale,
-        generator, posterior_generator, progress,
+    def _sample_one(
+        self, canvas, mask, generator, posterior_generator, prompt, negative_prompt, num_inference_steps, guidance_scale,
+        guider_scale, encode_once, tile_decode, run, observer, progress,
     ) -> ICPResult:
-        do_cfg = guidance_scale > 1.0
-        batch = 2 if do_cfg else 1
+        # 1. What runs where.
+        do_classifier_free_guidance = guidance_scale > 1.0
+        batch = 2 if do_classifier_free_guidance else 1
         device = self.device if run is None else run.device
         dtype = self.transformer.dtype if run is None else run.dtype_for("denoiser", self.transformer)
         guider_dtype = self.guider.dtype if run is None else run.dtype_for("denoiser", self.guider)
-        encode_once = run is not None and run.preset.encode_once
-        prompt_embeds, prompt_mask = self.encode_prompt(prompt, negative_prompt, do_cfg, device=device, dtype=dtype)
 
+        # 2. Prompt (cached T5 embeddings).
+        with observer.stage("text_encode"):
+            prompt_embeds, prompt_mask = self.encode_prompt(
+                prompt, negative_prompt, do_classifier_free_guidance, device=device, dtype=dtype
+            )
+
+        # 3. The guider's condition.
+        with observer.stage("vae_encode"):
+            condition = self.prepare_condition(canvas, mask, batch, posterior_generator, encode_once, run)
+        condition = condition.to(device, guider_dtype)
+
+        # 4. Timesteps.
         scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
+
+        # 5. Initial latents and micro-conditions.
         width, height = canvas.size
         channels = self.transformer.config.in_channels
         shape = (1, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
-        condition = self.prepare_condition(canvas, mask, batch, posterior_generator, encode_once).to(device, guider_dtype)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
         added_cond_kwargs = self.micro_conditions(width, height, batch, device=device, dtype=dtype)
         learned_sigma = self.transformer.config.out_channels // 2 == channels
 
+        # 6. Denoising loop.
         timesteps = scheduler.timesteps
-        with runtime.denoise_stage(self.guider, self.transformer):
+        with observer.stage("denoise"), runtime.denoise_stage(run, self.guider, self.transformer):
             for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents] * batch)
-                model_input = scheduler.scale_model_input(model_input, t)
+                model_input = scheduler.scale_model_input(torch.cat([latents] * batch), t)
                 timestep = t[None].to(device).expand(batch)
-                with runtime.model_turn(self.guider):
+                with runtime.model_turn(run, self.guider):
                     controls = self.guider(
                         model_input.to(guider_dtype), timestep, condition, added_cond_kwargs, conditioning_scale=guider_scale
                     )
-                with runtime.model_turn(self.transformer):
-                    with inject_controls(self.transformer, controls):
-                        noise = self.transformer(
-                            model_input.to(dtype),
-                            encoder_hidden_states=prompt_embeds,
-                            encoder_attention_mask=prompt_mask,
-                            timestep=timestep,
-                            added_cond_kwargs=added_cond_kwargs,
-                            return_dict=False,
-                        )[0]
+                with runtime.model_turn(run, self.transformer), inject_controls(self.transformer, controls):
+                    noise = self.transformer(
+                        model_input.to(dtype),
+                        encoder_hidden_states=prompt_embeds,
+                        encoder_attention_mask=prompt_mask,
+                        timestep=timestep,
+                        added_cond_kwargs=added_cond_kwargs,
+                        return_dict=False,
+                    )[0]
                 del controls
-                if do_cfg:
+                if do_classifier_free_guidance:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
                 if learned_sigma:
                     noise = noise.chunk(2, dim=1)[0]
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                observer.step_end(i + 1, len(timesteps))
                 if progress is not None:
                     progress(i + 1, len(timesteps))
 
-        decoded = self.decode_latents(latents, run is not None and run.tile_decode((width, height)))
-        image = self.image_processor.postprocess(decoded.float(), output_type="pil")[0]
-        return ICPResult(canvas=image, query=center_crop(image), latents=latents)
+        # 7. Decode.
+        with observer.stage("decode"):
+            return self.to_result(self.decode_latents(latents, tile_decode, run), latents, posterior_generator)

@@ -9,21 +9,21 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .. import runtime
-from ..canvas import center_crop
-from ..errors import InvalidInputError
 from ..models.color_guider import ColorGuiderSDModel
 from ..models.unet_injection import inject_guider_residuals
-from .condition import CanvasConditionMixin, ICPResult, ProgressFn
+from ..observe import NO_OBSERVER, PageObserver
+from .condition import NEGATIVE_PROMPT, PROMPT, ICPResult, ICPSampler, ProgressFn
 
 __all__ = ["ColorFlowSDPipeline", "ICPResult", "ProgressFn"]
 
 
-class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
+class ColorFlowSDPipeline(ICPSampler, DiffusionPipeline):
     """SD1.5 + ColorGuider + LoRA sampler over a ColorFlow canvas (upstream's ColorFlowSDPipeline, on stock diffusers)."""
 
     model_cpu_offload_seq = "text_encoder->guider->unet->vae"
-    #: Upstream's CFG scale for this family (what the app used: the pipeline default).
+    family = "sd"
     default_guidance_scale = 7.5
+    batches_pages = True
 
     def __init__(
         self,
@@ -50,6 +50,7 @@ class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
         do_cfg: bool,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        run: runtime.Run | None = None,
     ) -> torch.Tensor:
         """CLIP text states, [uncond, cond] under CFG; cached per (prompt, negative, device, dtype).
 
@@ -60,7 +61,7 @@ class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
         key = (prompt, negative_prompt, do_cfg, device, dtype)
         if key not in self._prompt_cache:
             texts = [negative_prompt, prompt] if do_cfg else [prompt]
-            with runtime.stage("text_encoder", self.text_encoder):
+            with runtime.stage(run, "text_encoder", self.text_encoder):
                 ids = self.tokenizer(
                     texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
                     return_tensors="pt",
@@ -75,30 +76,6 @@ class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
         return {"text_encoder": (self.text_encoder,), "vae": (self.vae,), "denoiser": (self.guider, self.unet)}
 
     @torch.no_grad()
-    def __call__(
-        self,
-        canvas: Image.Image,
-        mask: Image.Image,
-        *,
-        prompt: str = "manga",
-        negative_prompt: str = "",
-        num_inference_steps: int = 10,
-        guidance_scale: float = 7.5,
-        guider_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        posterior_generator: torch.Generator | None = None,
-        progress: ProgressFn | None = None,
-    ) -> ICPResult:
-        """Denoise the canvas; `generator` draws the initial noise, `posterior_generator` the VAE samples.
-
-        Under a preset (`self.plan`) its guidance scale, if it has one, replaces `guidance_scale`."""
-        return self.sample_pages(
-            [canvas], [mask], generators=[generator], posterior_generators=[posterior_generator], prompt=prompt,
-            negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            guider_scale=guider_scale, progress=progress,
-        )[0]
-
-    @torch.no_grad()
     def sample_pages(
         self,
         canvases: list[Image.Image],
@@ -106,90 +83,77 @@ class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
         *,
         generators: list[torch.Generator | None],
         posterior_generators: list[torch.Generator | None],
-        prompt: str = "manga",
-        negative_prompt: str = "",
+        prompt: str = PROMPT,
+        negative_prompt: str = NEGATIVE_PROMPT,
         num_inference_steps: int = 10,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         guider_scale: float = 1.0,
+        encode_once: bool = False,
+        tile_decode: bool = False,
+        run: runtime.Run | None = None,
+        observer: PageObserver = NO_OBSERVER,
         progress: ProgressFn | None = None,
     ) -> list[ICPResult]:
-        """Denoise several same-size canvases as one UNet batch; page i draws its noise from `generators[i]` and its
-        VAE samples from `posterior_generators[i]`, so each result equals that page sampled alone (up to the
-        rounding of a batched convolution)."""
-        if not canvases or not (len(canvases) == len(masks) == len(generators) == len(posterior_generators)):
-            raise InvalidInputError("sample_pages needs one mask and two generators per canvas")
-        if len({c.size for c in canvases}) > 1:
-            raise InvalidInputError("canvases sampled together must have the same size")
-        size = (canvases[0].width // 2, canvases[0].height // 2)
-        with runtime.activate(self.plan, size=size, guidance=guidance_scale, pages=len(canvases)) as run:
-            preset = run.preset if run is not None else None
-            if preset is not None:
-                guidance_scale = preset.guidance(guidance_scale)
-            for canvas, mask in zip(canvases, masks):
-                self.check_inputs(canvas, mask, num_inference_steps, guidance_scale)
-            return self._sample(
-                run, canvases, masks, generators, posterior_generators, prompt, negative_prompt,
-                num_inference_steps, guidance_scale, guider_scale, progress,
-            )
-
-    def _sample(
-        self, run, canvases, masks, generators, posterior_generators, prompt, negative_prompt,
-        num_inference_steps, guidance_scale, guider_scale, progress,
-    ) -> list[ICPResult]:
-        do_cfg = guidance_scale > 1.0
-        batch = 2 if do_cfg else 1
+        """See `ICPSampler.sample_pages`; same-size canvases are denoised as one UNet batch."""
+        # 1. Check inputs; what runs where.
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        self.check_pages(canvases, masks, generators, posterior_generators, num_inference_steps, guidance_scale)
+        do_classifier_free_guidance = guidance_scale > 1.0
+        batch = 2 if do_classifier_free_guidance else 1
         pages = len(canvases)
         device = self.device if run is None else run.device
         dtype = self.unet.dtype if run is None else run.dtype_for("denoiser", self.unet)
-        encode_once = run is not None and run.preset.encode_once
         channels_last = run is not None and run.channels_last("denoiser")
-        prompt_embeds = self.encode_prompt(prompt, negative_prompt, do_cfg, device=device, dtype=dtype)
-        if pages > 1:  # rows [uncond × pages, cond × pages], like the model input below
+
+        # 2. Encode the prompt; rows [uncond × pages, cond × pages], like the model input below.
+        with observer.stage("text_encode"):
+            prompt_embeds = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance, device, dtype, run)
+        if pages > 1:
             prompt_embeds = prompt_embeds.repeat_interleave(pages, dim=0)
 
-        scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        width, height = canvases[0].size
-        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        noise_rows = [randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators]
-        latents = noise_rows[0] if pages == 1 else torch.cat(noise_rows)
-        latents = latents * scheduler.init_noise_sigma
-        conditions = [
-            self.prepare_condition(canvas, mask, batch, g, encode_once)
-            for canvas, mask, g in zip(canvases, masks, posterior_generators)
-        ]
-        if pages == 1:
-            condition = conditions[0].to(device, dtype)
-        else:  # rows [row 0 of every page, row 1 of every page]: page i's uncond/cond rows meet its own latents
-            condition = torch.cat([c[r : r + 1] for r in range(batch) for c in conditions]).to(device, dtype)
+        # 3. Prepare the guider's condition; rows [row 0 of every page, row 1 of every page].
+        with observer.stage("vae_encode"):
+            conditions = [
+                self.prepare_condition(canvas, mask, batch, g, encode_once, run)
+                for canvas, mask, g in zip(canvases, masks, posterior_generators)
+            ]
+        condition = torch.cat([c[r : r + 1] for r in range(batch) for c in conditions]).to(device, dtype)
         if channels_last:
             condition = condition.contiguous(memory_format=torch.channels_last)
 
+        # 4. Timesteps (a fresh scheduler per call: its state is per sampling run).
+        scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+
+        # 5. Initial latents, each page from its own generator.
+        width, height = canvases[0].size
+        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = torch.cat([randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators])
+        latents = latents * scheduler.init_noise_sigma
+
+        # 6. Denoising loop.
         timesteps = scheduler.timesteps
-        with runtime.denoise_stage(self.guider, self.unet):
+        with observer.stage("denoise"), runtime.denoise_stage(run, self.guider, self.unet):
             for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents] * batch)
-                model_input = scheduler.scale_model_input(model_input, t)
+                model_input = scheduler.scale_model_input(torch.cat([latents] * batch), t)
                 if channels_last:
                     model_input = model_input.contiguous(memory_format=torch.channels_last)
-                with runtime.model_turn(self.guider):
+                with runtime.model_turn(run, self.guider):
                     residuals = self.guider(model_input, t, condition, conditioning_scale=guider_scale)
-                with runtime.model_turn(self.unet):
-                    with inject_guider_residuals(self.unet, residuals):
-                        noise = self.unet(model_input, t, encoder_hidden_states=prompt_embeds).sample
+                with runtime.model_turn(run, self.unet), inject_guider_residuals(self.unet, residuals):
+                    noise = self.unet(model_input, t, encoder_hidden_states=prompt_embeds).sample
                 del residuals
-                if do_cfg:
+                if do_classifier_free_guidance:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
                 latents = scheduler.step(noise, t, latents).prev_sample
+                observer.step_end(i + 1, len(timesteps))
                 if progress is not None:
                     progress(i + 1, len(timesteps))
 
-        tiled = run is not None and run.tile_decode((width, height))
-        results = []
-        for row in range(pages):
-            page_latents = latents if pages == 1 else latents[row : row + 1]
-            decoded = self.decode_latents(page_latents, tiled)
-            image = self.image_processor.postprocess(decoded.float(), output_type="pil")[0]
-            results.append(ICPResult(canvas=image, query=center_crop(image), latents=page_latents))
-        return results
+        # 7. Decode each page.
+        with observer.stage("decode"):
+            return [
+                self.to_result(self.decode_latents(latents[row : row + 1], tile_decode, run), latents[row : row + 1], g)
+                for row, g in enumerate(posterior_generators)
+            ]

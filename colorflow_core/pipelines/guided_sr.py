@@ -51,9 +51,6 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 class GuidedSuperResolver:
     """VAE + fusion net: colour from the low-res ICP result, lines from the 1.5× gray page."""
 
-    #: The preset this object runs under (set on `ColorFlowModel.with_preset` copies; None = plain and faithful).
-    plan: "runtime.RunPlan | None" = None
-
     def __init__(self, vae: AutoencoderKL, fusion: MultiHiddenResNetModel):
         self.vae = vae
         self.fusion = fusion
@@ -71,26 +68,20 @@ class GuidedSuperResolver:
         generator: torch.Generator | None = None,
         sample_posterior: bool = True,
         batch_stat_norm: bool = True,
+        run: runtime.Run | None = None,
     ) -> Image.Image:
         """The colour page at the guide's size. Defaults are upstream's: sampled latent, batch-statistics BN.
 
         Runs in stages (VAE encode → fusion → VAE decode), each model on the device only for its stage under an
-        offloading preset, and frees every feature map as soon as it is fused (upstream's numbers, less memory)."""
-        with runtime.activate(self.plan, size=(int(guide.width / 1.5), int(guide.height / 1.5))):
-            return self._run_stages(lowres, guide, generator, sample_posterior, batch_stat_norm)
-
-    def _run_stages(
-        self, lowres: Image.Image, guide: Image.Image, generator: torch.Generator | None, sample_posterior: bool,
-        batch_stat_norm: bool,
-    ) -> Image.Image:
+        offloading `run`, and frees every feature map as soon as it is fused (upstream's numbers, less memory)."""
         upscaled = lowres.convert("RGB").resize(guide.size)
-        with runtime.stage("vae", self.vae):
+        with runtime.stage(run, "vae", self.vae):
             device, dtype = self.vae.device, self.vae.dtype
             posterior, color_features = encode_with_features(self.vae, to_unit_tensor(upscaled).to(device, dtype))
             _, gray_features = encode_with_features(self.vae, to_unit_tensor(guide).to(device, dtype))
             latent = posterior.sample(generator) if sample_posterior else posterior.mode()
             del posterior
-        with runtime.stage("fusion", self.fusion):
+        with runtime.stage(run, "fusion", self.fusion):
             fusion_device, fusion_dtype = self.fusion.device, self.fusion.dtype
             additions = []
             with batch_statistics(self.fusion) if batch_stat_norm else eval_mode(self.fusion):
@@ -100,7 +91,7 @@ class GuidedSuperResolver:
                     additions.append(net(feature))
                     del feature
             del color_features, gray_features
-        with runtime.stage("vae", self.vae):
+        with runtime.stage(run, "vae", self.vae):
             device, dtype = self.vae.device, self.vae.dtype
             out = decode_with_features(self.vae, latent.to(device, dtype), [a.to(device, dtype) for a in additions])
         del additions

@@ -17,16 +17,14 @@ from PIL import Image
 
 from ..errors import InvalidInputError, MissingWeightsError
 from ..imaging import gray_rgb, to_rgb
+from ..styles import check_preprocess
 from ..weights import COLORFLOW_REPO
 from .line_extractor import LineExtractor, opencv_rgb2gray
 from .screen_style import DECODER_FILE, GENERATOR_FILE, ScreenStyle, screen_blend
 from .sketch_shading import shade_lines, sketch_input, sketch_shading_input
 
-#: Every method `preprocess_image` knows; the networks each needs.
-METHODS = ("screen", "gray", "none", "sketch", "sketch_shading")
+#: The networks each method of `styles.PREPROCESS_METHODS` needs.
 NEEDS = {"screen": "screen_style", "sketch": "line_extractor", "sketch_shading": "line_extractor"}
-#: Input style → its preprocessing method (upstream's "Preprocess" button).
-STYLE_METHODS = {"gray": "screen", "sketch": "sketch", "sketch_shading": "sketch_shading"}
 #: Where the line extractor lives in the release.
 ERIKA_FILE = "LE/erika.pth"
 #: Files each network needs from the release (for partial downloads).
@@ -34,7 +32,7 @@ RELEASE_FILES = {"screen_style": [GENERATOR_FILE, DECODER_FILE], "line_extractor
 PREPROCESSOR_FILES = [GENERATOR_FILE, DECODER_FILE, ERIKA_FILE]
 
 __all__ = [
-    "METHODS", "STYLE_METHODS", "RELEASE_FILES", "PREPROCESSOR_FILES", "LineExtractor", "ScreenStyle", "Preprocessors", "find_erika",
+    "RELEASE_FILES", "PREPROCESSOR_FILES", "LineExtractor", "ScreenStyle", "Preprocessors", "find_erika",
     "load_line_extractor", "load_screen_style", "preprocess_image", "shade_lines", "screen_blend",
     "sketch_input", "sketch_shading_input", "opencv_rgb2gray", "clear_cache",
 ]
@@ -141,8 +139,7 @@ def preprocess_image(
     screen: ScreenStyle blend (seeded; see `ScreenStyle`); gray: Pillow L → RGB; none: RGB as given;
     sketch: extracted lines for both; sketch_shading: shaded lines as context, pure lines as guide.
     """
-    if method not in METHODS:
-        raise InvalidInputError(f"unknown preprocess method '{method}' (choose {', '.join(METHODS)})")
+    check_preprocess(method)
     if method == "gray":
         image = gray_rgb(image)
         return image, image

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import IncompatibleWeightsError, InvalidInputError
 from ..imaging import check_image_size, to_rgb
+from ..weights import read_state_dict
 
 #: Output widths of the ten stages and the number of residual blocks in each (the erika layout).
 STAGE_WIDTHS = (24, 48, 96, 192, 384, 192, 96, 48, 24, 16)
@@ -186,8 +187,6 @@ class LineExtractor:
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> "LineExtractor":
         """Load `erika.pth` (ColorFlow's `LE/erika.pth`, or the same file from lllyasviel/Annotators)."""
-        from ..weights import read_state_dict
-
         path = Path(path)
         return cls.from_state_dict(read_state_dict(path), device, source=str(path))
 

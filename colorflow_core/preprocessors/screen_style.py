@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import IncompatibleWeightsError, InvalidInputError
 from ..imaging import check_image_size, to_rgb
+from ..weights import read_state_dict, require_file
 
 GENERATOR_FILE = "ScreenStyle/color2manga/color2manga_cycle_ganstft/latest_net_G_RGB2INTSCR.pth"
 DECODER_FILE = "ScreenStyle/ScreenVAE/latest_net_dec.pth"
@@ -322,8 +323,6 @@ class ScreenStyle:
     @classmethod
     def from_release(cls, root: str | Path, device: str | torch.device = "cpu") -> "ScreenStyle":
         """Load both networks from a ColorFlow release folder."""
-        from ..weights import read_state_dict, require_file
-
         root = Path(root)
         paths = [require_file(root / name, root) for name in (GENERATOR_FILE, DECODER_FILE)]
         return cls.from_state_dicts(*(read_state_dict(p) for p in paths), device=device,

@@ -10,6 +10,9 @@ Store layout (all writes atomic)::
 Opening a store made by another encoder discards its embeddings and indexes and re-embeds on demand.
 A pool.json that cannot be read raises `PoolStoreError`; a corrupt embedding or index file is a cache miss
 and is rebuilt.
+
+Why this module is long: the pool's in-memory state and its store are one consistency unit (the references, their
+per-size embeddings and indexes, and when each is stale); split, every module would need the others' invariants.
 """
 from __future__ import annotations
 

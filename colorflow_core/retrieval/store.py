@@ -11,6 +11,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from .search import load_faiss
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary file in `path`'s folder and move it over `path` only once complete."""
@@ -56,6 +58,4 @@ def write_png(path: Path, image: Image.Image) -> None:
 
 def write_faiss_index(path: Path, index: Any) -> None:
     """Atomically write a faiss index."""
-    from .search import load_faiss
-
     atomic_write(path, lambda tmp: load_faiss().write_index(index, str(tmp)))

@@ -82,7 +82,7 @@ def test_interrupted_run_leaves_no_partial_output(tiny_release, tmp_path, monkey
     import colorflow_core.pipelines.colorflow_sd as sd
 
     calls = {"n": 0}
-    original = sd.ColorFlowSDPipeline.__call__
+    original = sd.ColorFlowSDPipeline.sample_pages
 
     def interrupt_second(self, *args, **kwargs):
         calls["n"] += 1
@@ -90,7 +90,7 @@ def test_interrupted_run_leaves_no_partial_output(tiny_release, tmp_path, monkey
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(sd.ColorFlowSDPipeline, "__call__", interrupt_second)
+    monkeypatch.setattr(sd.ColorFlowSDPipeline, "sample_pages", interrupt_second)
     assert main(colorize_args(tiny_release, tmp_path, "--width", "64", "--height", "96", str(pages))) == 130
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0.png"]
 

@@ -19,7 +19,7 @@ from colorflow_core.loading_pixart import load_pixart_guider
 from colorflow_core.models.color_guider_pixart import ColorGuiderPixArtModel, drop_alias_keys, with_alias_keys
 from colorflow_core.models.lora import PIXART_LORA_TARGETS, apply_lora, lora_module_count, normalize_lora_keys
 from colorflow_core.models.pixart_injection import inject_controls
-from colorflow_core.options import PREPROCESSORS, make_generators
+from colorflow_core.options import make_generators
 from colorflow_core.pipelines import ColorFlowPixArtPipeline, ColorFlowSDPipeline
 from colorflow_core.tiny_pixart import tiny_pixart_guider, tiny_pixart_transformer
 from colorflow_core.weights import read_state_dict
@@ -240,7 +240,7 @@ def test_micro_conditions_are_the_canvas_size_for_guider_and_transformer(sketch)
 def test_same_interface_and_shared_condition_code(sketch):
     assert isinstance(sketch.pipeline, ColorFlowPixArtPipeline)
     assert ColorFlowPixArtPipeline.prepare_condition is ColorFlowSDPipeline.prepare_condition
-    assert sketch.default_guidance_scale == 4.5
+    assert sketch.defaults.guidance_scale == 4.5 and sketch.pipeline.default_guidance_scale == 4.5
     canvas = sample_canvas(64, 64)
     a, b, c = run(sketch, canvas, 3, num_inference_steps=2), run(sketch, canvas, 3, num_inference_steps=2), run(sketch, canvas, 4)
     assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
@@ -382,8 +382,6 @@ def _cli_args(folders, tmp_path, style, *extra):
                                           ("sketch_shading", ["--preprocess", "gray", "--guidance", "1.0"]),
                                           ("sketch_shading", [])])  # the style's own line extraction + shading
 def test_cli_colorizes_with_both_pixart_styles(folders, tmp_path, monkeypatch, style, extra):
-    if not extra and "sketch_shading" not in PREPROCESSORS:
-        pytest.skip("the sketch preprocessors are not installed")
     monkeypatch.setenv("COLORFLOW_CACHE", str(tmp_path / "user"))
     inter = tmp_path / "inter"
     assert main(_cli_args(folders, tmp_path, style, "--save-intermediates", str(inter), *extra)) == 0
@@ -392,18 +390,3 @@ def test_cli_colorizes_with_both_pixart_styles(folders, tmp_path, monkeypatch, s
     assert Image.open(inter / "page" / "icp.png").size == (128, 192)
 
 
-def test_cli_sketch_style_without_its_preprocessor_says_what_to_do(folders, tmp_path, capsys):
-    if "sketch" in PREPROCESSORS:
-        pytest.skip("the sketch preprocessor is installed")
-    assert main(_cli_args(folders, tmp_path, "sketch")) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error:") and "--preprocess none" in err
-
-
-def test_cli_style_defaults():
-    from colorflow_core.cli import style_settings
-
-    assert style_settings("gray", None, None)[1] == 7.5
-    assert style_settings("sketch", None, None) == ("sketch", 4.5)
-    assert style_settings("sketch", "none", None) == ("none", 4.5)
-    assert style_settings("sketch_shading", "gray", 2.0) == ("gray", 2.0)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from colorflow_core import imaging
-from colorflow_core.cli import main, style_settings
+from colorflow_core.cli import main
 from colorflow_core.errors import IncompatibleWeightsError, InvalidInputError, MissingWeightsError
 from colorflow_core.preprocess import prepare_page
 from colorflow_core.preprocessors import (
@@ -326,12 +326,6 @@ def test_cli_preprocess_missing_screen_weights_is_one_line(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "latest_net_G_RGB2INTSCR.pth" in err[0]
-
-
-def test_cli_screen_is_the_gray_default_and_explicit_choices_pass_through():
-    assert style_settings("gray", None, None) == ("screen", 7.5)
-    assert style_settings("gray", "screen", None)[0] == "screen"
-    assert style_settings("gray", "gray", None)[0] == "gray"
 
 
 def test_cli_colorize_uses_screen_for_gray_pages(tiny_release, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Presets (faithful / fast / low-vram / auto): end to end, staging, LoRA merge, memory choice, page batches."""
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -10,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from colorflow_core import memory, runtime
+from colorflow_core import compiling, memory, runtime
 from colorflow_core.cli import main
 from colorflow_core.errors import InvalidInputError
-from colorflow_core.loading import ColorFlowModel, load_colorflow
+from colorflow_core.loading import load_colorflow
+from colorflow_core.model import ColorFlowModel
 from colorflow_core.models.color_guider import ColorGuiderSDModel
 from colorflow_core.models.fusion import MultiHiddenResNetModel
 from colorflow_core.options import ColorizeOptions
@@ -22,6 +24,7 @@ from colorflow_core.presets import PRESET_NAMES, get_preset
 from colorflow_core.retrieval import ReferencePool
 from colorflow_core.runtime import Placement, merged_lora, stage_module
 from colorflow_core.sequence import colorize_batch, colorize_page, colorize_pages
+from colorflow_core.settings import guidance_scale, resolve
 
 from .sampling import sample_canvas
 
@@ -42,11 +45,8 @@ def page(seed=1):
 
 
 @pytest.fixture(scope="module")
-def sketch(tiny_release, tmp_path_factory):
-    release, _ = tiny_release
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("COLORFLOW_CACHE", str(tmp_path_factory.mktemp("user_cache")))
-        return load_colorflow(release, release.parent / "pixart", style="sketch", prompt_cache=tmp_path_factory.mktemp("pc"))
+def sketch(tiny_sketch):
+    return tiny_sketch
 
 
 def lora_is_merged(module: torch.nn.Module) -> bool:
@@ -72,16 +72,16 @@ def assert_unchanged(model: ColorFlowModel, before: dict[str, tuple]) -> None:
         now = after[key]
         assert (now[0], now[1], now[2]) == (ptr, dtype, device), key
         assert torch.equal(now[3], values), key
-    assert not lora_is_merged(model.pipeline.unet if hasattr(model.pipeline, "unet") else model.pipeline.transformer)
-    assert model.plan is None and model.pipeline.plan is None and model.upscaler.plan is None
+    assert not lora_is_merged(model.run_modules()["denoiser"][1])
+    assert model.plan is None
 
 
 # ---- names, options ---------------------------------------------------------------------------------------
 
 def test_preset_names_lookup_and_validation():
     assert PRESET_NAMES == ("faithful", "fast", "low-vram", "auto")
-    assert get_preset(None).name == "faithful" and get_preset("fast").guidance(7.5) == 1.0
-    assert get_preset("low-vram").guidance(7.5) == 7.5 and get_preset("fast", guidance_scale=None).guidance(4.5) == 4.5
+    assert get_preset(None).name == "faithful" and get_preset("fast").guidance_scale == 1.0
+    assert get_preset("low-vram").guidance_scale is None
     with pytest.raises(InvalidInputError, match="unknown preset"):
         get_preset("turbo")
     with pytest.raises(InvalidInputError, match="unknown preset"):
@@ -101,9 +101,10 @@ def test_faithful_view_is_the_plain_model_and_fast_pins_no_cfg(tiny_model):
     view = tiny_model.with_preset("faithful")
     assert view.plan is None and view.pipeline.unet is tiny_model.pipeline.unet
     fast = tiny_model.with_preset("fast")
-    assert fast.plan is not None and fast.preset.name == "fast" and fast.effective_guidance(7.5) == 1.0
-    assert fast.pipeline.unet is tiny_model.pipeline.unet and fast.upscaler.fusion is tiny_model.upscaler.fusion
-    assert fast.encoder.name == tiny_model.encoder.name and tiny_model.pipeline.plan is None
+    assert fast.plan is not None and fast.preset.name == "fast"
+    assert guidance_scale(fast, ColorizeOptions()) == 1.0 and guidance_scale(fast, ColorizeOptions(guidance_scale=7.5)) == 7.5
+    assert fast.pipeline is tiny_model.pipeline and fast.upscaler is tiny_model.upscaler
+    assert fast.encoder.name == tiny_model.encoder.name and tiny_model.plan is None
 
 
 # ---- every preset end to end, shared model untouched ------------------------------------------------------
@@ -159,6 +160,27 @@ def test_faithful_plan_runs_the_staged_path_with_identical_numbers(tiny_model):
 
 # ---- low-vram: which models sit on the device during each stage -------------------------------------------
 
+#: Stages open right now, as `track_stages` sees them.
+OPEN_STAGES: list[str] = []
+
+
+@pytest.fixture
+def track_stages(monkeypatch):
+    """Every `Run.stage` block records its stage in OPEN_STAGES while it is open."""
+    real = runtime.Run.stage
+
+    @contextlib.contextmanager
+    def tracked(self, stage, *modules):
+        OPEN_STAGES.append(stage)
+        try:
+            with real(self, stage, *modules) as device:
+                yield device
+        finally:
+            OPEN_STAGES.remove(stage)
+
+    monkeypatch.setattr(runtime.Run, "stage", tracked)
+
+
 def _watch(model: ColorFlowModel, log: list):
     """Forward pre-hooks that log (running model, models currently float64 = 'on the device', open stages)."""
     pipe = model.pipeline
@@ -171,11 +193,7 @@ def _watch(model: ColorFlowModel, log: list):
         return {n for n, m in watched.items() if next(m.parameters()).dtype == torch.float64}
 
     def open_stages():
-        run = runtime.active_run()
-        depth: dict[str, int] = {}
-        for event, stage, _names, _device in run.events if run else []:
-            depth[stage] = depth.get(stage, 0) + (1 if event == "enter" else -1)
-        return {s for s, d in depth.items() if d > 0}
+        return set(OPEN_STAGES)
 
     targets = {
         "guider": pipe.guider, "unet": pipe.unet, "vae.encoder": pipe.vae.encoder, "vae.decoder": pipe.vae.decoder,
@@ -189,7 +207,7 @@ def _watch(model: ColorFlowModel, log: list):
 
 
 @pytest.mark.parametrize("offload", ["stage", "model"])
-def test_low_vram_puts_only_the_running_stage_on_the_device(tiny_model, offload):
+def test_low_vram_puts_only_the_running_stage_on_the_device(tiny_model, offload, track_stages):
     before = snapshot(tiny_model)
     view = tiny_model.with_preset(MARKED_LOW_VRAM.replace(offload=offload))
     pool = ReferencePool(view.encoder)
@@ -417,12 +435,12 @@ def test_auto_counts_every_page_of_a_denoise_batch(sd15_on_meta):
 
 def test_low_vram_tiles_the_canvas_decode_only_where_it_is_the_peak(sd15_on_meta):
     view = sd15_on_meta.with_preset("low-vram", Placement.create("cuda", "cpu"))
-    run = runtime.Run(view.plan, view.plan.preset)
-    assert not run.tile_decode((1024, 1600))  # 512×800: the denoise stage stays the peak
-    assert run.tile_decode((2048, 3200))  # 1024×1600: the full decode would exceed it
+    assert not memory.decode_is_peak(view.plan, view.preset, (1024, 1600), 7.5)  # 512×800: denoise stays the peak
+    assert memory.decode_is_peak(view.plan, view.preset, (2048, 3200), 7.5)  # 1024×1600: the full decode exceeds it
+    assert resolve(view, ColorizeOptions(), (1024, 1600)).tile_decode
 
 
-def test_auto_on_the_tiny_model_follows_the_injected_free_memory(tiny_model):
+def test_auto_on_the_tiny_model_follows_the_injected_free_memory(tiny_model, monkeypatch):
     """On the CPU everything is resident: `auto` can only choose leaner activations (encode once, lean GSRP, tiling)."""
     size = (128, 128)
     probe = tiny_model.with_preset("auto", free_memory=lambda device: 0).plan
@@ -432,15 +450,13 @@ def test_auto_on_the_tiny_model_follows_the_injected_free_memory(tiny_model):
     between = (need["low-vram"] + need["faithful"]) // 2 - held
     pool = ReferencePool(tiny_model.encoder)
     pool.add(refs())
-    chosen = []
-    hook = tiny_model.pipeline.unet.register_forward_pre_hook(lambda *a: chosen.append(runtime.active_run().preset.name))
-    try:
-        for free in (100 * GB, between):
-            view = tiny_model.with_preset("auto", free_memory=lambda device, f=free: f)
-            colorize_page(view, page(), pool, ColorizeOptions(size=size, steps=1, preprocess="gray"))
-    finally:
-        hook.remove()
-    assert chosen == ["faithful", "low-vram"]
+    executed = []
+    real = ColorFlowModel.execution
+    monkeypatch.setattr(ColorFlowModel, "execution", lambda self, preset: executed.append(preset.name) or real(self, preset))
+    for free in (100 * GB, between):
+        view = tiny_model.with_preset("auto", free_memory=lambda device, f=free: f)
+        colorize_page(view, page(), pool, ColorizeOptions(size=size, steps=1, preprocess="gray"))
+    assert executed == ["faithful"] * 2 + ["low-vram"] * 2  # the sampler's run, then GSRP's
 
 
 # ---- page batches ---------------------------------------------------------------------------------------
@@ -469,7 +485,7 @@ def test_page_batches_never_mix_canvas_sizes_and_stay_in_reading_order(tiny_mode
 
     batches = []
 
-    def record(model, images, pool, options, *, names, step_progress):
+    def record(model, images, pool, options, *, names, step_progress, observer):
         batches.append(names)
         return [sequence.PageResult(n, image, image.size, None, None, None, image) for n, image in zip(names, images)]
 
@@ -491,14 +507,14 @@ def test_compile_models_is_an_explicit_reversible_step(tiny_model, monkeypatch):
     sample, cond = torch.randn(1, 4, 4, 4), torch.randn(1, 9, 4, 4)
     with torch.no_grad():
         eager = guider(sample, 5, cond).mid
-    compiled_blocks = runtime.compile_models([guider], backend="eager")
+    compiled_blocks = compiling.compile_models([guider], backend="eager")
     assert compiled_blocks > 2 and dynamo_config.recompile_limit == compiled_blocks  # none left to run eagerly
     try:
         with torch.no_grad():
             compiled = guider(sample, 5, cond).mid
     finally:
-        count = runtime.uncompile_models([guider])
-    assert count > 0 and runtime.uncompile_models([guider]) == 0
+        count = compiling.uncompile_models([guider])
+    assert count > 0 and compiling.uncompile_models([guider]) == 0
     torch.testing.assert_close(compiled, eager)
 
 

@@ -19,13 +19,16 @@ def colourful(seed: int, size=(80, 120)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def test_feed_back_puts_finished_pages_in_the_pool(tiny_model):
+def test_feed_back_gives_later_pages_the_finished_ones_without_changing_the_pool(tiny_model):
     pool = ReferencePool(tiny_model.encoder)
     pool.add([colourful(1)])
     pages = [colourful(10).convert("L"), colourful(11).convert("L")]
     progress = []
     results = list(colorize_pages(tiny_model, pages, pool, ColorizeOptions(**FAST), feed_back=True,
                                   progress=lambda *a: progress.append(a)))
+    assert len(pool) == 1  # the fed-back pages went into a private copy
+    assert len(results[1].retrieval.references) == 2  # …which the second page searched
+    list(colorize_pages(tiny_model, pages, pool, ColorizeOptions(**FAST), feed_back=True, feed_back_into_pool=True))
     assert len(pool) == 3
     assert [r.name for r in results] == ["page_0000", "page_0001"]
     assert results[0].final.size == (96, 144)

@@ -14,7 +14,6 @@ from colorflow_core.cli import main
 from colorflow_core.evaluation import bench as B
 from colorflow_core.options import ColorizeOptions
 from colorflow_core.retrieval import ReferencePool
-from colorflow_core.retrieval import pool as pool_module
 
 MIB = 1 << 20
 
@@ -44,13 +43,15 @@ def test_memory_meter_nested_peaks():
     assert outer >= base + 90 * MIB
 
 
-def test_recorder_sums_calls_per_run_and_takes_medians():
+def test_recorder_sums_stages_per_run_and_takes_medians():
     recorder = B.Recorder(torch.device("cpu"), memory=False)
-    double = recorder.wrap("work", lambda x: 2 * x)
     for _ in range(3):
         with recorder.run():
-            assert double(2) == 4 and double(3) == 6
-    assert double(1) == 2  # outside a run nothing is recorded
+            for _ in range(2):
+                with recorder.stage("work"):
+                    sum(range(1000))
+    with recorder.stage("work"):  # outside a run nothing is recorded
+        pass
     summary = recorder.summary()
     assert list(summary) == ["work"] and len(summary["work"]["runs_s"]) == 3 and summary["work"]["peak_mb"] is None
 
@@ -113,28 +114,23 @@ def test_retrieval_bench_times_the_two_pass_search_against_float32(monkeypatch):
     assert "f32-only ms/q" in B.format_bench({"retrieval": {"faiss": "x", "rows": rows}})
 
 
-def test_instrumentation_changes_nothing_and_is_removed(tiny_model):
+def test_observing_a_page_changes_nothing_and_leaves_no_hooks(tiny_model):
     refs, page = _refs(2), Image.new("L", (32, 32), 90)
     options = ColorizeOptions(size=(32, 32), steps=1, seed=3)
     plain_pool = ReferencePool(tiny_model.encoder)
     plain_pool.add(refs)
     plain = sequence.colorize_page(tiny_model, page, plain_pool, options)
-    originals = (sequence.prepare_page, sequence.build_canvas, pool_module.search_index, pool_module.build_index)
     recorder = B.Recorder(tiny_model.device)
-    pool = ReferencePool(B.TimedEncoder(tiny_model.encoder, recorder))
-    pool.add(refs)
-    with B.instrument(tiny_model, pool, recorder) as (model, progress), recorder.run():
-        timed = sequence.colorize_page(model, page, pool, options, step_progress=progress)
+    timed = B.measure_page(tiny_model, refs, page, options, recorder)
     assert np.array_equal(np.asarray(timed.final), np.asarray(plain.final))
-    assert (sequence.prepare_page, sequence.build_canvas, pool_module.search_index, pool_module.build_index) == originals
     pipe = tiny_model.pipeline
     assert not pipe.unet._forward_hooks and not pipe.unet._forward_pre_hooks and not pipe.guider._forward_pre_hooks
-    assert "encode_prompt" not in pipe.__dict__ and "embeddings" not in pool.__dict__
     stages = recorder.runs[0]
-    for name in ("preprocess", "embed_references", "index_build", "embed_query", "search", "canvas", "vae_encode",
-                 "step_01", "decode", "icp", "gsrp", "guider_forward", "unet_forward"):
+    for name in ("page", "embed_references", "preprocess", "retrieval", "embed_query", "canvas", "text_encode",
+                 "vae_encode", "denoise", "step_01", "decode", "gsrp", "guider_forward", "unet_forward"):
         assert stages[name][0] > 0, name
-    assert "step_02" not in stages and stages["step_01"][0] + stages["decode"][0] < stages["icp"][0]
+    assert "step_02" not in stages and stages["step_01"][0] <= stages["denoise"][0]
+    assert stages["embed_query"][0] <= stages["retrieval"][0]
 
 
 def test_bench_cli_end_to_end_on_tiny_weights(tiny_release, tmp_path, capsys):
@@ -148,8 +144,8 @@ def test_bench_cli_end_to_end_on_tiny_weights(tiny_release, tmp_path, capsys):
     assert "step_02" in text and "embedding cache" in text and "retrieval" in text
     result = json.loads(out.read_text())
     stages = result["pipeline"]["stages"]
-    for name in ("preprocess", "embed_references", "embed_query", "search", "canvas", "text_encode", "vae_encode",
-                 "step_01", "step_02", "decode", "gsrp", "icp", "page"):
+    for name in ("preprocess", "embed_references", "embed_query", "retrieval", "canvas", "text_encode", "vae_encode",
+                 "step_01", "step_02", "denoise", "decode", "gsrp", "page"):
         assert stages[name]["median_s"] > 0, name
     assert stages["page"]["peak_mb"] >= stages["gsrp"]["peak_mb"] > 0 and stages["gsrp"]["growth_mb"] >= 0
     steps = result["pipeline"]["steps"]

@@ -234,26 +234,32 @@ def test_stitch_canvas_outputs(pack, pool, pages):
     assert info.count("TL: ") == 2 and any(f"ref{i}.png:" in info for i in range(3))
 
 
-def test_page_sizes(pack):
-    query_size = pack.nodes.inputs.query_size
-    page = gray_page(1)
-    assert query_size("auto", 0, 0, page) == (512, 800)
-    assert query_size("800x512", 0, 0, page) == (800, 512)
-    assert query_size("custom", 64, 96, page) == (64, 96)
+def test_page_sizes_and_defaults_translate_to_core_options(pack):
+    inputs = pack.nodes.inputs
+    assert inputs.size_option("auto", 0, 0) is None  # the core picks each page's closest upstream size
+    assert inputs.size_option("800x512", 0, 0) == (800, 512)
+    assert inputs.size_option("custom", 64, 96) == (64, 96)
     with pytest.raises(errors(pack).InvalidInputError, match="multiple of 32"):
-        query_size("custom", 70, 96, page)
+        inputs.size_option("custom", 70, 96)
+    options = inputs.colorize_options(guidance=0.0, preprocess=inputs.STYLE_DEFAULT)
+    assert options.guidance_scale is None and options.preprocess is None  # resolved by the core, per model
+    assert inputs.colorize_options(guidance=4.5, preprocess="gray").guidance_scale == 4.5
+    for bad in (0.5, float("nan")):
+        with pytest.raises(errors(pack).InvalidInputError, match="guidance"):
+            inputs.colorize_options(guidance=bad)
 
 
 # ------------------------------------------------------------------------------------------------ sampler and upscaler
 def test_sampler_outputs_and_one_seed_for_every_page(pack, loaded, pool, pages):
     canvas, mask, _ = stitch(pack, pool, pages[:1])
     twice = canvas.repeat(2, 1, 1, 1)
-    full, page = run(pack, "ColorFlowSampler", loaded[0], twice, mask, 3, STEPS, 7.5, 1.0)
+    full, page, samples = run(pack, "ColorFlowSampler", loaded[0], twice, mask, 3, STEPS, 7.5, 1.0)
+    assert len(samples) == 2 and all(sample.posterior_state is not None for sample in samples)
     assert full.shape == (2, 2 * H, 2 * W, 3) and page.shape == (2, H, W, 3)
     assert torch.equal(page[0], page[1]), "every page of a batch uses the same seed"
-    _, alone = run(pack, "ColorFlowSampler", loaded[0], canvas, mask, 3, STEPS, 7.5, 1.0)
+    _, alone, _ = run(pack, "ColorFlowSampler", loaded[0], canvas, mask, 3, STEPS, 7.5, 1.0)
     assert torch.equal(alone[0], page[1])
-    _, other = run(pack, "ColorFlowSampler", loaded[0], canvas, mask, 4, STEPS, 7.5, 1.0)
+    _, other, _ = run(pack, "ColorFlowSampler", loaded[0], canvas, mask, 4, STEPS, 7.5, 1.0)
     assert not torch.equal(other[0], page[0])
     assert canvas.shape == (1, 2 * H, 2 * W, 3), "input left untouched"
 
@@ -281,12 +287,15 @@ def test_staged_nodes_reproduce_the_sequence_node(pack, loaded, pool, pages):
     model = loaded[0]
     before = model_state(model)
     canvas, mask, _ = stitch(pack, pool, pages)
-    _, low = run(pack, "ColorFlowSampler", model, canvas, mask, 5, STEPS, 7.5, 1.0)
+    _, low, samples = run(pack, "ColorFlowSampler", model, canvas, mask, 5, STEPS, 7.5, 1.0)
     (staged,) = run(pack, "ColorFlowGuidedUpscale", model, low, pages, 5, 7.5, "gray", True)
     (chapter,) = run(pack, "ColorFlowColorizeSequence", [model], [pool], [pages], [5], [STEPS], [7.5], [1.0],
                      ["custom"], [W], [H], ["gray"], [False])
     assert chapter.shape == (2, int(1.5 * H), int(1.5 * W), 3)
     assert torch.equal(staged, chapter)
+    # With the sampler's samples connected the upscaler needs neither its seed nor the sampler's guidance.
+    (linked,) = run(pack, "ColorFlowGuidedUpscale", model, low, pages, 123, 0.0, "gray", True, False, samples)
+    assert torch.equal(linked, chapter)
     assert model_state(model) == before
 
 
@@ -294,13 +303,17 @@ def test_fast_preset_loader_runs_the_staged_nodes_like_the_sequence_node(pack, l
     fast = run(pack, "ColorFlowModelLoader", RELEASE, BASE, "gray", "float32", "cpu", False, None, "fast")[0]
     assert fast.preset.name == "fast" and fast.plan is not None
     canvas, mask, _ = stitch(pack, pool, pages)
-    # The user leaves guidance at 7.5: the fast preset samples without CFG, and GSRP must continue that stream.
-    _, low = run(pack, "ColorFlowSampler", fast, canvas, mask, 5, STEPS, 7.5, 1.0)
-    (staged,) = run(pack, "ColorFlowGuidedUpscale", fast, low, pages, 5, 7.5, "gray", True)
-    (chapter,) = run(pack, "ColorFlowColorizeSequence", [fast], [pool], [pages], [5], [STEPS], [7.5], [1.0],
+    # Guidance left at its default (0): the fast preset samples without CFG, and GSRP continues that stream.
+    _, low, samples = run(pack, "ColorFlowSampler", fast, canvas, mask, 5, STEPS, 0.0, 1.0)
+    (staged,) = run(pack, "ColorFlowGuidedUpscale", fast, low, pages, 5, 0.0, "gray", True)
+    (linked,) = run(pack, "ColorFlowGuidedUpscale", fast, low, pages, 5, 7.5, "gray", True, False, samples)
+    (chapter,) = run(pack, "ColorFlowColorizeSequence", [fast], [pool], [pages], [5], [STEPS], [0.0], [1.0],
                      ["custom"], [W], [H], ["gray"], [False])
-    assert torch.equal(staged, chapter)
-    (faithful,) = run(pack, "ColorFlowColorizeSequence", [loaded[0]], [pool], [pages], [5], [STEPS], [7.5], [1.0],
+    assert torch.equal(staged, chapter) and torch.equal(linked, chapter)
+    (no_cfg,) = run(pack, "ColorFlowColorizeSequence", [fast], [pool], [pages], [5], [STEPS], [1.0], [1.0],
+                    ["custom"], [W], [H], ["gray"], [False])
+    assert torch.equal(no_cfg, chapter), "fast's default is guidance 1.0"
+    (faithful,) = run(pack, "ColorFlowColorizeSequence", [loaded[0]], [pool], [pages], [5], [STEPS], [0.0], [1.0],
                       ["custom"], [W], [H], ["gray"], [False])
     assert not torch.equal(chapter, faithful)
 
@@ -317,17 +330,17 @@ def test_heavy_nodes_ask_comfyui_for_room_before_they_run(pack, loaded, pool, pa
     requests, asked = [], []
     monkeypatch.setattr(pack.nodes.comfy_bridge, "make_room", lambda needed, device: requests.append((needed, device)))
     model = loaded[0]
-    estimate = type(model).memory_needed
+    estimate = pack.nodes.inputs.memory_needed
 
-    def recorded(self, size, guidance=None, pages=1):
-        asked.append((size, guidance, pages))
-        return estimate(self, size, guidance, pages)
+    def recorded(model, options, size, pages=1):
+        asked.append((size, options.guidance_scale, pages))
+        return estimate(model, options, size, pages)
 
-    monkeypatch.setattr(type(model), "memory_needed", recorded)
+    monkeypatch.setattr(pack.nodes.inputs, "memory_needed", recorded)
     run(pack, "ColorFlowColorizeSequence", [model], [pool], [pages], [0], [STEPS], [7.5], [1.0],
         ["custom"], [W], [H], ["gray"], [False], None, [2])
     canvas, mask, _ = stitch(pack, pool, pages)
-    _, low = run(pack, "ColorFlowSampler", model, canvas, mask, 0, STEPS, 7.5, 1.0)
+    _, low, _ = run(pack, "ColorFlowSampler", model, canvas, mask, 0, STEPS, 7.5, 1.0)
     run(pack, "ColorFlowGuidedUpscale", model, low, pages, 0, 7.5, "gray", True)
     assert [device for _, device in requests] == [model.device] * 3 and all(needed > 0 for needed, _ in requests)
     assert asked == [((W, H), 7.5, 2), ((W, H), 7.5, 1), ((W, H), 7.5, 1)]

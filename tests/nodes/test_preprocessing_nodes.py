@@ -165,7 +165,7 @@ def test_loader_offers_pixart_bases_apart_from_sd15(pack):
 
 def test_sketch_styles_load_on_the_pixart_base(pack, loaded_sketch, comfy_base):
     model, encoder = loaded_sketch
-    assert model.style == "sketch" and encoder is model.encoder and model.default_guidance_scale == 4.5
+    assert model.style == "sketch" and encoder is model.encoder and model.defaults.guidance_scale == 4.5
     loader = pack.NODE_CLASS_MAPPINGS["ColorFlowModelLoader"]()
     with pytest.raises(errors(pack).MissingWeightsError) as missing:
         loader.load(RELEASE, BASE, "sketch_shading", "float32", "cpu", False)  # the default PixArt-XL-2-1024-MS is not there
@@ -175,14 +175,14 @@ def test_sketch_styles_load_on_the_pixart_base(pack, loaded_sketch, comfy_base):
 # ------------------------------------------------------------------------------------------------ preprocess choices
 def test_network_preprocessing_needs_the_model(pack, pool, small_pages):
     for choice in ("screen", "sketch", "style default"):
-        with pytest.raises(errors(pack).InvalidInputError, match="connect the ColorFlow model"):
+        with pytest.raises(errors(pack).InvalidInputError, match="the ColorFlow model"):
             run(pack, "ColorFlowStitchCanvas", small_pages, pool, "custom", W, H, choice)
 
 
 def staged(pack, model, pool, pages, seed, guidance, preprocess, screen_seed=None):
     """Canvas → sampler → upscaler, the upscaler fed with the canvas node's guide."""
     canvas, mask, _, guide = run(pack, "ColorFlowStitchCanvas", pages, pool, "custom", W, H, preprocess, model, screen_seed)
-    _, low = run(pack, "ColorFlowSampler", model, canvas, mask, seed, 1, guidance, 1.0)
+    _, low, _ = run(pack, "ColorFlowSampler", model, canvas, mask, seed, 1, guidance, 1.0)
     return run(pack, "ColorFlowGuidedUpscale", model, low, guide, seed, guidance, "none", True)[0], low
 
 

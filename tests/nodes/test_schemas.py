@@ -1,11 +1,13 @@
 """Every node definition is valid for ComfyUI's validator, documented, and keeps its committed interface."""
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ INTERFACE = json.loads((Path(__file__).parent / "node_interface.json").read_text
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 #: ComfyUI's own socket types; anything else must be one of ours.
 CORE_TYPES = {"IMAGE", "MASK", "CLIP_VISION", "INT", "FLOAT", "STRING", "BOOLEAN"}
-OUR_TYPES = {"COLORFLOW_MODEL", "COLORFLOW_ENCODER", "COLORFLOW_POOL"}
+OUR_TYPES = {"COLORFLOW_MODEL", "COLORFLOW_ENCODER", "COLORFLOW_POOL", "COLORFLOW_SAMPLE"}
 
 
 def input_specs(node_class) -> dict[str, tuple]:
@@ -117,3 +119,18 @@ print(len(module.NODE_CLASS_MAPPINGS))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/", timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(len(INTERFACE))
+
+
+#: Lines of glue a node's FUNCTION may have (docstring excluded): everything else belongs in the core.
+NODE_BODY_LINES = 15
+
+
+def test_every_node_function_is_a_few_lines_of_glue(pack):
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        function = getattr(cls, cls.FUNCTION)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+        body = tree.body[0].body
+        if isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+            body = body[1:]  # the docstring
+        lines = body[-1].end_lineno - body[0].lineno + 1
+        assert lines <= NODE_BODY_LINES, f"{node_id}.{cls.FUNCTION}: {lines} lines"

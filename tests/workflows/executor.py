@@ -96,7 +96,9 @@ def check_workflow(workflow: dict, classes: dict[str, type], file_combos: set[tu
         node_class = classes[node["type"]]
         declared = {item.name: item for item in inputs_of(node_class)}
         outputs = [(o["name"], o["type"]) for o in node["outputs"]]
-        if outputs != list(zip(getattr(node_class, "RETURN_NAMES", node_class.RETURN_TYPES), node_class.RETURN_TYPES)):
+        defined = list(zip(getattr(node_class, "RETURN_NAMES", node_class.RETURN_TYPES), node_class.RETURN_TYPES))
+        # A workflow saved before an output was added lists the earlier ones (the frontend appends the new slot).
+        if outputs != defined[: len(outputs)] or not outputs and defined:
             problems.append(f"{where}: outputs {outputs} differ from the definition")
         for slot in node["inputs"]:
             item = declared.get(slot["name"])
