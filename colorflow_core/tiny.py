@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from .errors import InvalidInputError
 from .models.color_guider import ColorGuiderSDModel
 from .models.fusion import MultiHiddenResNetModel
 from .models.lora import SD_LORA_TARGETS
@@ -21,6 +22,25 @@ VAE_BLOCKS = (8, 16, 32, 32)
 TEXT_DIM = 32
 LORA_RANK = 4
 _SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+#: Written first into every folder make-tiny creates: the only folders it will ever delete and rewrite.
+TINY_MARKER = ".colorflow-tiny"
+
+
+def check_tiny_folder(path: Path) -> None:
+    """Refuse a `path` that exists and was not written by make-tiny (a downloaded release, say)."""
+    if path.exists() and not (path / TINY_MARKER).is_file():
+        raise InvalidInputError(
+            f"'{path}' already exists and was not written by make-tiny; nothing was changed: give a new or empty folder"
+        )
+
+
+def claim_tiny_folder(path: Path) -> None:
+    """Empty `path` for tiny weights: create it, or clear it when make-tiny wrote it; refuse any other folder."""
+    check_tiny_folder(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / TINY_MARKER).write_text("tiny random weights written by `python -m colorflow_core make-tiny`\n")
 
 
 def _byte_symbols() -> list[str]:
@@ -123,9 +143,10 @@ def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """
     folder = Path(folder)
     release, base = folder / "colorflow", folder / "sd15"
+    for path in (release, base, folder / "pixart"):  # all checked before any is cleared
+        check_tiny_folder(path)
     for path in (release, base):
-        if path.exists():
-            shutil.rmtree(path)
+        claim_tiny_folder(path)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
 
@@ -141,7 +162,7 @@ def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     )
     CLIPTextModel(text).save_pretrained(base / "text_encoder")
     write_tokenizer(base / "tokenizer")
-    (base / "scheduler").mkdir(parents=True)
+    (base / "scheduler").mkdir()
     shutil.copy(CONFIGS / "sd15_scheduler_config.json", base / "scheduler" / "scheduler_config.json")
     (base / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline",

@@ -109,10 +109,9 @@ def write_pixart_style(folder: Path, vae_blocks: tuple[int, ...], generator: tor
 
 def write_tiny_pixart(release: Path, base: Path, seed: int = 0) -> Path:
     """Write `release/sketch`, `release/shading` and the PixArt base folder `base`; return `base`."""
-    from .tiny import VAE_BLOCKS, tiny_vae  # the PixArt VAE is the SD architecture (sd-vae-ft-ema)
+    from .tiny import VAE_BLOCKS, claim_tiny_folder, tiny_vae  # the PixArt VAE is the SD architecture (sd-vae-ft-ema)
 
-    if base.exists():
-        shutil.rmtree(base)
+    claim_tiny_folder(base)
     generator = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed + 1)
     transformer = tiny_pixart_transformer()
@@ -126,7 +125,7 @@ def write_tiny_pixart(release: Path, base: Path, seed: int = 0) -> Path:
     vae.save_pretrained(base / "vae")
     tiny_t5().save_pretrained(base / "text_encoder")
     write_t5_tokenizer(base / "tokenizer")
-    (base / "scheduler").mkdir(parents=True)
+    (base / "scheduler").mkdir()
     shutil.copy(CONFIGS / "scheduler" / "scheduler_config.json", base / "scheduler" / "scheduler_config.json")
     (base / "model_index.json").write_text(json.dumps({
         "_class_name": "PixArtAlphaPipeline",
