@@ -9,6 +9,7 @@ from pathlib import Path
 from .errors import ColorFlowError
 from .imaging import list_images
 from .presets import PRESET_NAMES
+from .validation import check_writable_folder
 from .weights import COLORFLOW_REPO, SD15_REPO
 
 
@@ -30,12 +31,38 @@ def _pages(items: list[str]) -> list[Path]:
     return pages
 
 
+def _references(items: list[str]) -> list[str]:
+    """The --refs items, each an existing file or folder (checked before any model is loaded)."""
+    for item in items:
+        if not Path(item).exists():
+            raise ColorFlowError(f"reference not found: {item}")
+    return items
+
+
 def _size(args: argparse.Namespace) -> tuple[int, int] | None:
-    if args.size is not None and (args.width or args.height):
-        raise ColorFlowError("give either --width/--height or --size auto, not both")
-    if bool(args.width) != bool(args.height):
+    if args.size is not None and (args.width is not None or args.height is not None):
+        raise ColorFlowError(f"give either --width/--height or --size {args.size}, not both")
+    if (args.width is None) != (args.height is None):
         raise ColorFlowError("--width and --height go together")
-    return (args.width, args.height) if args.width else None
+    if args.width is None:
+        return None
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value <= 0 or value % 32:
+            raise ColorFlowError(f"{flag} must be a positive multiple of 32, got {value}")
+    return args.width, args.height
+
+
+def _destinations(args: argparse.Namespace) -> Path:
+    """The output folder; it, the intermediates folder and a pool that fed-back pages join are checked writable
+    before any work, so that no finished page is lost to a destination failing later."""
+    out = check_writable_folder(args.out, "--out")
+    if args.save_intermediates:
+        check_writable_folder(args.save_intermediates, "--save-intermediates")
+    if args.pool and args.feed_back:
+        check_writable_folder(args.pool, "--pool (--feed-back adds each page to it)")
+    elif args.pool and Path(args.pool).is_file():
+        raise ColorFlowError(f"--pool '{args.pool}' is a file, not a folder")
+    return out
 
 
 def _stderr_progress(stage: str, done: int, total: int) -> None:
@@ -106,6 +133,7 @@ def colorize(args: argparse.Namespace) -> int:
     from .sequence import colorize_pages
 
     pages = _pages(args.pages)
+    refs = _references(args.refs)
     preprocess, guidance = style_settings(args.style, args.preprocess, args.guidance)
     preset = get_preset(args.preset)
     if args.guidance is not None and preset.guidance_scale is not None:
@@ -117,6 +145,7 @@ def colorize(args: argparse.Namespace) -> int:
         guider_scale=args.guider_scale, preprocess=preprocess, sample_posterior=not args.posterior_mode,
         screen_deterministic=args.screen_deterministic,
     )
+    out = _destinations(args)
     print(f"loading models (preset {preset.name})…", file=sys.stderr, flush=True)
     model = load_colorflow(
         args.colorflow, args.base, style=args.style, device=args.device, dtype=args.dtype, allow_download=args.download,
@@ -129,9 +158,8 @@ def colorize(args: argparse.Namespace) -> int:
         print("torch.compile: the first page compiles the denoiser blocks (slow), later pages reuse them",
               file=sys.stderr, flush=True)
     pool = ReferencePool(_encoder(args.encoder, model), store=args.pool)
-    added = pool.add(args.refs)
+    added = pool.add(refs)
     print(f"{len(pool)} references in the pool ({added} new)", file=sys.stderr, flush=True)
-    out = Path(args.out)
     results = colorize_pages(model, pages, pool, options, feed_back=args.feed_back, progress=_stderr_progress,
                              page_batch=args.page_batch)
     for result in results:
@@ -150,6 +178,7 @@ def preprocess(args: argparse.Namespace) -> int:
     from .weights import resolve_snapshot
 
     pages = _pages(args.pages)
+    out = check_writable_folder(args.out, "--out")
     method = args.preprocess or STYLE_METHODS[args.style]
     size, native = _size(args), args.size == "native"
     if size is not None:
@@ -158,7 +187,6 @@ def preprocess(args: argparse.Namespace) -> int:
     if needs == "screen_style" or (needs == "line_extractor" and args.erika is None):
         root = resolve_snapshot(args.colorflow, RELEASE_FILES[needs], args.download, "the ColorFlow release")
     preprocessors = Preprocessors(root, erika=args.erika, device=resolve_device(args.device))
-    out = Path(args.out)
     for index, path in enumerate(pages):
         image = load_image(path)
         if not native:
@@ -257,12 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; a ColorFlowError becomes a one-line message and exit code 1."""
+    """Entry point; a ColorFlowError (or a file system error) becomes a one-line message and exit code 1."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ColorFlowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ColorFlowError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -161,15 +161,29 @@ class StagedEncoder:
         return getattr(self.encoder, attr)
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' → CUDA if available, else MPS, else CPU."""
+    """'auto' → CUDA if available, else MPS, else CPU; a device that does not exist here is an InvalidInputError."""
     if str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidInputError(f"unknown device '{device}' (use cpu, cuda, cuda:N, mps or auto)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device '{device}' asked for, but this PyTorch sees no CUDA GPU; use cpu or auto")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise InvalidInputError(f"device '{device}' asked for, but there are {torch.cuda.device_count()} CUDA GPU(s)")
+    if resolved.type == "mps" and not _mps_available():
+        raise InvalidInputError(f"device '{device}' asked for, but MPS is not available here; use cpu or auto")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInputError(f"device '{device}' is not supported (use cpu, cuda, cuda:N, mps or auto)")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -198,9 +212,17 @@ def load_configured(cls, folder: Path, root: Path | None = None, adapt=lambda mo
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise IncompatibleWeightsError(f"{config_path} is not valid JSON: {exc}") from exc
+    named = config.get("_class_name", cls.__name__) if isinstance(config, dict) else cls.__name__
+    if named != cls.__name__:
+        raise IncompatibleWeightsError(
+            f"{config_path} describes a {named}, not the {cls.__name__} this style needs (weights of another style?)"
+        )
     weights = find_weight_file(folder, "diffusion_pytorch_model", root)
-    with torch.device("meta"):
-        model = cls.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise IncompatibleWeightsError(f"{config_path} does not describe a valid {cls.__name__}: {exc}") from exc
     return _load_strict(model, adapt(model, read_state_dict(weights)), weights).eval()
 
 
@@ -229,6 +251,7 @@ def load_unet_with_lora(
     if isinstance(base, UNet2DConditionModel):
         unet = base
     else:
+        require_file(base / "unet" / "config.json", base, SD15_REPO)
         unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
     lora = find_weight_file(lora_folder, "unet_lora", root)
     apply_lora(unet, read_state_dict(lora))
@@ -249,6 +272,10 @@ def load_base_components(base: Path, config_dir: Path | None = None) -> dict:
     configs in `config_dir` (default: the shipped SD1.5 configs)."""
     if is_single_file(base):
         return load_sd15_single_file(Path(base), config_dir)
+    if (base / "transformer" / "config.json").is_file():
+        raise IncompatibleWeightsError(
+            f"{base} is a PixArt (transformer) model; the gray style runs on an SD1.5 base (or use a sketch style)"
+        )
     for sub, name in (("vae", "config.json"), ("text_encoder", "config.json"), ("scheduler", "scheduler_config.json")):
         require_file(base / sub / name, base, SD15_REPO)
     return dict(

@@ -7,6 +7,7 @@ import torch
 
 from .errors import InvalidInputError
 from .imaging import check_query_size
+from .validation import check_finite
 
 PROMPT = "manga"
 NEGATIVE_PROMPT = ""
@@ -36,7 +37,8 @@ class ColorizeOptions:
             check_query_size(*self.size)
         if self.steps < 1:
             raise InvalidInputError("steps must be at least 1")
-        if self.guidance_scale < 1.0:
+        check_finite(self.guider_scale, "guider scale")
+        if check_finite(self.guidance_scale, "guidance scale") < 1.0:
             raise InvalidInputError("guidance scale must be >= 1.0 (1.0 = no classifier-free guidance)")
         if self.preprocess is not None and self.preprocess not in PREPROCESSORS:
             raise InvalidInputError(f"unknown preprocess '{self.preprocess}' (choose {', '.join(PREPROCESSORS)})")

@@ -179,9 +179,9 @@ def colorize_pages(
         batch_progress = (lambda d, t, k=len(images): step_progress(d * k, t * k)) if progress else None
         results = colorize_batch(model, images, pool, options, names=batch_names, step_progress=batch_progress)
         for result in results:
-            if feed_back:
-                pool.add([result.final])
             done += 1
             if progress is not None:
                 progress("page", done, len(pages))
-            yield result
+            yield result  # before feed-back: the caller saves the page even if adding it to the pool fails
+            if feed_back:
+                pool.add([result.final])

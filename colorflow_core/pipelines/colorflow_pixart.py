@@ -16,6 +16,7 @@ from ..canvas import center_crop
 from ..errors import IncompatibleWeightsError
 from ..models.color_guider_pixart import ColorGuiderPixArtModel
 from ..models.pixart_injection import inject_controls
+from ..validation import check_finite_tensor
 from .condition import CanvasConditionMixin, ICPResult, ProgressFn
 from .t5_prompt import PromptEmbeddings, T5PromptEncoder
 
@@ -178,6 +179,7 @@ class ColorFlowPixArtPipeline(CanvasConditionMixin, DiffusionPipeline):
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
                 if progress is not None:
                     progress(i + 1, len(timesteps))
+        check_finite_tensor(latents, "ICP denoising (ColorGuider + PixArt transformer)")
 
         decoded = self.decode_latents(latents, run is not None and run.tile_decode((width, height)))
         image = self.image_processor.postprocess(decoded.float(), output_type="pil")[0]

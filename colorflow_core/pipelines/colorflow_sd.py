@@ -13,6 +13,7 @@ from ..canvas import center_crop
 from ..errors import InvalidInputError
 from ..models.color_guider import ColorGuiderSDModel
 from ..models.unet_injection import inject_guider_residuals
+from ..validation import check_finite_tensor
 from .condition import CanvasConditionMixin, ICPResult, ProgressFn
 
 __all__ = ["ColorFlowSDPipeline", "ICPResult", "ProgressFn"]
@@ -184,6 +185,7 @@ class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
                 latents = scheduler.step(noise, t, latents).prev_sample
                 if progress is not None:
                     progress(i + 1, len(timesteps))
+        check_finite_tensor(latents, "ICP denoising (ColorGuider + UNet)")
 
         tiled = run is not None and run.tile_decode((width, height))
         results = []

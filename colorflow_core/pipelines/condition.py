@@ -13,6 +13,7 @@ from PIL import Image
 from .. import runtime
 from ..canvas import split_canvas
 from ..errors import InvalidInputError
+from ..validation import check_finite
 
 ProgressFn = Callable[[int, int], None]
 
@@ -42,7 +43,7 @@ class CanvasConditionMixin:
             raise InvalidInputError(f"mask {mask.size} and canvas {canvas.size} differ in size")
         if steps < 1:
             raise InvalidInputError("steps must be at least 1")
-        if guidance_scale < 1.0:
+        if check_finite(guidance_scale, "guidance scale") < 1.0:
             raise InvalidInputError("guidance scale must be >= 1.0 (1.0 turns classifier-free guidance off)")
 
     def _encode_image(

@@ -12,6 +12,7 @@ from PIL import Image
 from .. import runtime
 from ..models.fusion import MultiHiddenResNetModel
 from ..models.guided_vae import decode_with_features, encode_with_features
+from ..validation import check_finite_tensor
 
 
 def to_unit_tensor(image: Image.Image) -> torch.Tensor:
@@ -104,5 +105,5 @@ class GuidedSuperResolver:
             device, dtype = self.vae.device, self.vae.dtype
             out = decode_with_features(self.vae, latent.to(device, dtype), [a.to(device, dtype) for a in additions])
         del additions
-        out = out.float().clamp(-1, 1)[0].permute(1, 2, 0).cpu().numpy()
+        out = check_finite_tensor(out, "GSRP guided upscale (VAE + fusion net)").float().clamp(-1, 1)[0].permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(((out * 0.5 + 0.5) * 255).astype(np.uint8))
