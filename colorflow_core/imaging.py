@@ -127,6 +127,10 @@ def process_image(image: Image.Image, width: int, height: int) -> Image.Image:
             new_h = int(img_w / target)
             top = int((img_h - new_h) / 2)
             image = image.crop((0, top, img_w, top + new_h))
+        if min(image.size) < 1:
+            raise InvalidInputError(
+                f"a {img_w}x{img_h} image cannot be cropped to the {width}:{height} aspect: no pixel would remain"
+            )
     return image.resize((width, height), Image.BICUBIC).convert("RGB")
 
 

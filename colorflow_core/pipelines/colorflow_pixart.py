@@ -121,7 +121,7 @@ class ColorFlowPixArtPipeline(CanvasConditionMixin, DiffusionPipeline):
         with runtime.activate(self.plan, size=(canvas.width // 2, canvas.height // 2), guidance=guidance_scale) as run:
             if run is not None:
                 guidance_scale = run.preset.guidance(guidance_scale)
-            self.check_inputs(canvas, mask, num_inference_steps, guidance_scale)
+            self.check_inputs(canvas, mask, num_inference_steps, guidance_scale, guider_scale)
             return self._sample(
                 run, canvas, mask, prompt, negative_prompt, num_inference_steps, guidance_scale, guider_scale,
                 generator, posterior_generator, progress,

@@ -127,7 +127,7 @@ class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
             if preset is not None:
                 guidance_scale = preset.guidance(guidance_scale)
             for canvas, mask in zip(canvases, masks):
-                self.check_inputs(canvas, mask, num_inference_steps, guidance_scale)
+                self.check_inputs(canvas, mask, num_inference_steps, guidance_scale, guider_scale)
             return self._sample(
                 run, canvases, masks, generators, posterior_generators, prompt, negative_prompt,
                 num_inference_steps, guidance_scale, guider_scale, progress,

@@ -34,8 +34,11 @@ class CanvasConditionMixin:
     #: None = the plain, faithful pipeline).
     plan: "runtime.RunPlan | None" = None
 
-    def check_inputs(self, canvas: Image.Image, mask: Image.Image, steps: int, guidance_scale: float) -> None:
+    def check_inputs(
+        self, canvas: Image.Image, mask: Image.Image, steps: int, guidance_scale: float, guider_scale: float = 1.0
+    ) -> None:
         """Reject canvases and options the sampler cannot use, with a one-line reason."""
+        check_finite(guider_scale, "guider scale")
         width, height = canvas.size
         if width % (2 * self.vae_scale_factor) or height % (2 * self.vae_scale_factor):
             raise InvalidInputError(f"canvas {width}x{height} must be a multiple of {2 * self.vae_scale_factor}")

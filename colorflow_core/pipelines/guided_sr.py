@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from .. import runtime
+from ..errors import InvalidInputError
 from ..models.fusion import MultiHiddenResNetModel
 from ..models.guided_vae import decode_with_features, encode_with_features
 from ..validation import check_finite_tensor
@@ -77,6 +78,12 @@ class GuidedSuperResolver:
 
         Runs in stages (VAE encode → fusion → VAE decode), each model on the device only for its stage under an
         offloading preset, and frees every feature map as soon as it is fused (upstream's numbers, less memory)."""
+        width, height = guide.size
+        if width % 8 or height % 8 or min(width, height) < 16:
+            raise InvalidInputError(
+                f"guided upscale works at {width}x{height} (1.5x the colour page {lowres.width}x{lowres.height}), which "
+                "must be a multiple of 8 and at least 16 both ways: use a page size that is a multiple of 16"
+            )
         with runtime.activate(self.plan, size=(int(guide.width / 1.5), int(guide.height / 1.5))):
             return self._run_stages(lowres, guide, generator, sample_posterior, batch_stat_norm)
 

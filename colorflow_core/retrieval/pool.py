@@ -272,7 +272,11 @@ class ReferencePool:
     def _candidates_of(self, ref: _Reference, size: Size) -> list[Image.Image]:
         key = (ref.digest, *size)
         if key not in self._candidates:
-            self._candidates[key] = reference_patches(process_image(self._image(ref), *size), size)
+            try:
+                page = process_image(self._image(ref), *size)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"reference {ref.label}: {exc}") from exc
+            self._candidates[key] = reference_patches(page, size)
         return self._candidates[key]
 
     def _image(self, ref: _Reference) -> Image.Image:
