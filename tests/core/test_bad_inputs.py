@@ -257,3 +257,30 @@ def test_api_bad_input(tiny_model, tmp_path, call, error, message):
             call(tiny_model, tmp_path)
     assert "\n" not in str(raised.value)
     assert all(torch.isfinite(p).all() for p in tiny_model.pipeline.unet.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ nothing lost
+def test_make_tiny_rewrites_only_folders_it_wrote(tmp_path):
+    from colorflow_core.tiny import TINY_MARKER, claim_tiny_folder
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    claim_tiny_folder(ours)
+    (ours / "unet").mkdir()
+    claim_tiny_folder(ours)
+    assert sorted(p.name for p in ours.iterdir()) == [TINY_MARKER]
+    _write(theirs / "unet" / "weights.png", Image.new("L", (4, 4)))
+    with pytest.raises(errors.InvalidInputError, match="not written by make-tiny; nothing was changed"):
+        claim_tiny_folder(theirs)
+    assert (theirs / "unet" / "weights.png").is_file()
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from colorflow_core.retrieval import store
+
+    umask = os.umask(0)
+    os.umask(umask)
+    store.write_json(tmp_path / "a.json", {})
+    store.write_png(tmp_path / "a.png", Image.new("L", (2, 2)))
+    assert {(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {0o666 & ~umask}
