@@ -351,7 +351,8 @@ class ReferencePool:
         path = self._index_path(size, signature)
 
         def replace_stale() -> None:
-            for stale in self.store.glob(f"index_{_size_key(size)}_*.faiss"):
+            legacy = self.store / f"index_{_size_key(size)}.faiss"  # named without a signature by earlier versions
+            for stale in [legacy, *self.store.glob(f"index_{_size_key(size)}_*.faiss")]:
                 stale.unlink(missing_ok=True)
             write_faiss_index(path, index)
 
