@@ -39,7 +39,10 @@ def allowed_roots() -> list[Path]:
     entries = [entry for entry in os.environ.get(ALLOWED_ENV, "").split(os.pathsep) if entry.strip()]
     listing = comfy_bridge.user_directory() / ALLOWED_FILE
     if listing.is_file():
-        lines = listing.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = listing.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInputError(f"cannot read the allowed folders in {listing}: {exc}") from exc
         entries += [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
     roots = [comfy_bridge.input_directory()]
     for entry in entries:
@@ -61,10 +64,15 @@ def _refused(folder: str) -> InvalidInputError:
 def resolve_input_folder(folder: str) -> Path:
     """The folder `folder` names (relative to the input directory, or absolute inside an allowed folder)."""
     roots = allowed_roots()
-    path = (roots[0] / folder.strip()).resolve()
-    if not any(path.is_relative_to(root) for root in roots):
-        raise _refused(folder)
-    if not path.is_dir():
+    try:
+        path = (roots[0] / folder.strip()).resolve()
+        if not any(path.is_relative_to(root) for root in roots):
+            raise _refused(folder)
+        found = path.is_dir()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a symlink loop
+        reason = getattr(exc, "strerror", None) or exc
+        raise InvalidInputError(f"folder {folder[:200]!r} cannot be used: {type(exc).__name__}: {reason}") from exc
+    if not found:
         raise InvalidInputError(f"folder '{folder}' not found (looked for {path})")
     return path
 
