@@ -66,12 +66,15 @@ def resolve_input_folder(folder: str) -> Path:
     roots = allowed_roots()
     try:
         path = (roots[0] / folder.strip()).resolve()
-        if not any(path.is_relative_to(root) for root in roots):
-            raise _refused(folder)
-        found = path.is_dir()
-    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a symlink loop
+        inside = any(path.is_relative_to(root) for root in roots)
+        found = inside and path.is_dir()
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, a symlink loop
+        if not any(Path(os.path.abspath(roots[0] / folder.strip())).is_relative_to(root) for root in roots):
+            raise _refused(folder) from None  # says nothing about what lies outside
         reason = getattr(exc, "strerror", None) or exc
         raise InvalidInputError(f"folder {folder[:200]!r} cannot be used: {type(exc).__name__}: {reason}") from exc
+    if not inside:
+        raise _refused(folder)
     if not found:
         raise InvalidInputError(f"folder '{folder}' not found (looked for {path})")
     return path

@@ -78,6 +78,13 @@ def _mixed(ctx: Context) -> str:
     return folder
 
 
+def _loop(folder: Path) -> Path:
+    """folder/a → folder/b → folder/a."""
+    (folder / "a").symlink_to(folder / "b")
+    (folder / "b").symlink_to(folder / "a")
+    return folder / "a"
+
+
 def _bomb(ctx: Context) -> str:
     folder = ctx.inside("bomb")
     Image.new("1", (8400, 8400)).save(ctx.input / folder / "bomb.png")
@@ -92,7 +99,7 @@ def _over_budget(ctx: Context) -> str:
     return folder
 
 
-REFUSED = r"is outside ComfyUI's input directory and the folders allowed in user/colorflow/allowed_folders.txt"
+REFUSED = r"^folder '[^']*' is outside ComfyUI's input directory and the folders allowed in user/colorflow/allowed_folders.txt"
 
 
 def case(name: str, *values):
@@ -113,6 +120,8 @@ NODE_CASES = [
         "InvalidInputError", r"folder 'chapter\\x00/x' cannot be used: ValueError: embedded null byte"),
     case("load-pages-name-too-long", lambda c: c.run("ColorFlowLoadPages", "x" * 5000, False),
         "InvalidInputError", r"folder 'x{200}' cannot be used: OSError: File name too long$"),
+    case("load-pages-symlink-loop-outside", lambda c: c.run("ColorFlowLoadPages", str(_loop(c.outside) / "x"), True),
+        "InvalidInputError", REFUSED),
     case("load-pages-missing-inside", lambda c: c.run("ColorFlowLoadPages", "chapter99", False),
         "InvalidInputError", r"folder 'chapter99' not found"),
     case("load-pages-empty-folder", lambda c: c.run("ColorFlowLoadPages", c.inside("empty"), False),
