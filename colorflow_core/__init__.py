@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import ColorFlowError, IncompatibleWeightsError, InvalidInputError, MissingWeightsError
+from .errors import ColorFlowError, IncompatibleWeightsError, InvalidInputError, MissingWeightsError, NonFiniteError
 
 _LAZY = {
     "load_colorflow": "loading",
@@ -35,7 +35,7 @@ _LAZY = {
     "Placement": "runtime",
 }
 
-__all__ = ["ColorFlowError", "IncompatibleWeightsError", "InvalidInputError", "MissingWeightsError", *_LAZY]
+__all__ = ["ColorFlowError", "IncompatibleWeightsError", "InvalidInputError", "MissingWeightsError", "NonFiniteError", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ from .compiling import compile_models
 from .sequence import colorize_pages
 from .styles import PREPROCESS_METHODS, STYLE_NAMES, get_style
 from .tiny import write_tiny_release
+from .validation import check_writable_folder
 from .weights import COLORFLOW_REPO, SD15_REPO, resolve_snapshot
 
 
@@ -41,12 +42,38 @@ def _pages(items: list[str]) -> list[Path]:
     return pages
 
 
+def _references(items: list[str]) -> list[str]:
+    """The --refs items, each an existing file or folder (checked before any model is loaded)."""
+    for item in items:
+        if not Path(item).exists():
+            raise ColorFlowError(f"reference not found: {item}")
+    return items
+
+
 def _size(args: argparse.Namespace) -> tuple[int, int] | None:
-    if args.size is not None and (args.width or args.height):
-        raise ColorFlowError("give either --width/--height or --size auto, not both")
-    if bool(args.width) != bool(args.height):
+    if args.size is not None and (args.width is not None or args.height is not None):
+        raise ColorFlowError(f"give either --width/--height or --size {args.size}, not both")
+    if (args.width is None) != (args.height is None):
         raise ColorFlowError("--width and --height go together")
-    return (args.width, args.height) if args.width else None
+    if args.width is None:
+        return None
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value <= 0 or value % 32:
+            raise ColorFlowError(f"{flag} must be a positive multiple of 32, got {value}")
+    return args.width, args.height
+
+
+def _destinations(args: argparse.Namespace) -> Path:
+    """The output folder; it, the intermediates folder and a pool that fed-back pages join are checked writable
+    before any work, so that no finished page is lost to a destination failing later."""
+    out = check_writable_folder(args.out, "--out")
+    if args.save_intermediates:
+        check_writable_folder(args.save_intermediates, "--save-intermediates")
+    if args.pool and args.feed_back_into_pool:
+        check_writable_folder(args.pool, "--pool (--feed-back-into-pool adds each page to it)")
+    elif args.pool and Path(args.pool).is_file():
+        raise ColorFlowError(f"--pool '{args.pool}' is a file, not a folder")
+    return out
 
 
 def _stderr_progress(stage: str, done: int, total: int) -> None:
@@ -84,12 +111,14 @@ def _encoder(spec: str, model):
 def colorize(args: argparse.Namespace) -> int:
     """Run the whole pipeline over the given pages; write `<out>/<page stem>.png`."""
     pages = _pages(args.pages)
+    refs = _references(args.refs)
     if args.page_batch < 1:
         raise ColorFlowError("--page-batch must be at least 1")
     options = ColorizeOptions(
         size=_size(args), steps=args.steps, seed=args.seed, guidance_scale=args.guidance, guider_scale=args.guider_scale,
         preprocess=args.preprocess, sample_posterior=not args.posterior_mode, screen_deterministic=args.screen_deterministic,
     )
+    out = _destinations(args)
     print(f"loading models (preset {args.preset})…", file=sys.stderr, flush=True)
     model = load_colorflow(
         args.colorflow, args.base, style=args.style, device=args.device, dtype=args.dtype, allow_download=args.download,
@@ -100,9 +129,8 @@ def colorize(args: argparse.Namespace) -> int:
         print("torch.compile: the first page compiles the denoiser blocks (slow), later pages reuse them",
               file=sys.stderr, flush=True)
     pool = ReferencePool(_encoder(args.encoder, model), store=args.pool)
-    added = pool.add(args.refs)
+    added = pool.add(refs)
     print(f"{len(pool)} references in the pool ({added} new)", file=sys.stderr, flush=True)
-    out = Path(args.out)
     results = colorize_pages(
         model, pages, pool, options, feed_back=args.feed_back or args.feed_back_into_pool,
         feed_back_into_pool=args.feed_back_into_pool, progress=_stderr_progress, page_batch=args.page_batch,
@@ -117,6 +145,7 @@ def colorize(args: argparse.Namespace) -> int:
 def preprocess(args: argparse.Namespace) -> int:
     """Write each page's preprocessed input context and guide: `<out>/<stem>_context.png`, `<stem>_guide.png`."""
     pages = _pages(args.pages)
+    out = check_writable_folder(args.out, "--out")
     method = args.preprocess or get_style(args.style).preprocess
     size, native = _size(args), args.size == "native"
     if size is not None:
@@ -125,7 +154,6 @@ def preprocess(args: argparse.Namespace) -> int:
     if needs == "screen_style" or (needs == "line_extractor" and args.erika is None):
         root = resolve_snapshot(args.colorflow, RELEASE_FILES[needs], args.download, "the ColorFlow release")
     preprocessors = Preprocessors(root, erika=args.erika, device=resolve_device(args.device))
-    out = Path(args.out)
     for index, path in enumerate(pages):
         image = load_image(path)
         if not native:
@@ -223,12 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; a ColorFlowError becomes a one-line message and exit code 1."""
+    """Entry point; a ColorFlowError (or a file system error) becomes a one-line message and exit code 1."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ColorFlowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ColorFlowError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

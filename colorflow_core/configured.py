@@ -15,15 +15,29 @@ from .weights import find_weight_file, read_state_dict, require_file
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' → CUDA if available, else MPS, else CPU."""
+    """'auto' → CUDA if available, else MPS, else CPU; a device that does not exist here is an InvalidInputError."""
     if str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidInputError(f"unknown device '{device}' (use cpu, cuda, cuda:N, mps or auto)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device '{device}' asked for, but this PyTorch sees no CUDA GPU; use cpu or auto")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise InvalidInputError(f"device '{device}' asked for, but there are {torch.cuda.device_count()} CUDA GPU(s)")
+    if resolved.type == "mps" and not _mps_available():
+        raise InvalidInputError(f"device '{device}' asked for, but MPS is not available here; use cpu or auto")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInputError(f"device '{device}' is not supported (use cpu, cuda, cuda:N, mps or auto)")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -52,9 +66,17 @@ def load_configured(cls, folder: Path, root: Path | None = None, adapt=lambda mo
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise IncompatibleWeightsError(f"{config_path} is not valid JSON: {exc}") from exc
+    named = config.get("_class_name", cls.__name__) if isinstance(config, dict) else cls.__name__
+    if named != cls.__name__:
+        raise IncompatibleWeightsError(
+            f"{config_path} describes a {named}, not the {cls.__name__} this style needs (weights of another style?)"
+        )
     weights = find_weight_file(folder, "diffusion_pytorch_model", root)
-    with torch.device("meta"):
-        model = cls.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise IncompatibleWeightsError(f"{config_path} does not describe a valid {cls.__name__}: {exc}") from exc
     return _load_strict(model, adapt(model, read_state_dict(weights)), weights).eval()
 
 

@@ -25,3 +25,7 @@ class MissingWeightsError(ColorFlowError, FileNotFoundError):
 
 class IncompatibleWeightsError(ColorFlowError):
     """A weight file exists but does not fit the model it is loaded into."""
+
+
+class NonFiniteError(ColorFlowError, ArithmeticError):
+    """A stage produced NaN or infinite values (non-finite weights or settings); names the stage."""

@@ -11,8 +11,11 @@ from .errors import InvalidInputError
 
 ImageLike = Union[Image.Image, np.ndarray, str, Path]
 
-#: Pages and references larger than this (pixels) are refused before any allocation.
-MAX_INPUT_PIXELS = 12000 * 12000 // 2
+#: Pages and references larger than this (pixels) are refused before any allocation (a 600-dpi A4 scan is 35 M;
+#: a small PNG that decodes to more is a decompression bomb).
+MAX_INPUT_PIXELS = 40_000_000
+#: Images of one folder loaded together (Load Pages) may hold at most this many pixels in all (~4.8 GB as IMAGE).
+MAX_FOLDER_PIXELS = 400_000_000
 #: Upstream accepts aspect distortion up to this relative error instead of cropping.
 ASPECT_TOLERANCE = 0.15
 #: File suffixes read as images when a folder is given.
@@ -48,6 +51,23 @@ def list_images(folder: Path) -> list[Path]:
     if not files:
         raise InvalidInputError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {folder}")
     return files
+
+
+def check_images_budget(paths: list[Path], what: str, budget: int | None = None) -> None:
+    """Refuse, from their headers alone, image files that one by one or together exceed the pixel caps."""
+    budget = MAX_FOLDER_PIXELS if budget is None else budget
+    total = 0
+    for path in paths:
+        try:
+            with Image.open(path) as opened:
+                check_image_size(opened.size, str(path))
+                total += opened.size[0] * opened.size[1]
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise InvalidInputError(f"cannot read image {path}: {exc}") from exc
+    if total > budget:
+        raise InvalidInputError(
+            f"{what} holds {total} pixels of images, more than the {budget} loaded at once; split it into smaller folders"
+        )
 
 
 def array_to_pil(array: np.ndarray) -> Image.Image:
@@ -107,6 +127,10 @@ def process_image(image: Image.Image, width: int, height: int) -> Image.Image:
             new_h = int(img_w / target)
             top = int((img_h - new_h) / 2)
             image = image.crop((0, top, img_w, top + new_h))
+        if min(image.size) < 1:
+            raise InvalidInputError(
+                f"a {img_w}x{img_h} image cannot be cropped to the {width}:{height} aspect: no pixel would remain"
+            )
     return image.resize((width, height), Image.BICUBIC).convert("RGB")
 
 

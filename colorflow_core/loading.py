@@ -40,6 +40,7 @@ def load_unet_with_lora(
     if isinstance(base, UNet2DConditionModel):
         unet = base
     else:
+        require_file(base / "unet" / "config.json", base, SD15_REPO)
         unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
     lora = find_weight_file(lora_folder, "unet_lora", root)
     apply_lora(unet, read_state_dict(lora))
@@ -60,6 +61,10 @@ def load_base_components(base: Path, config_dir: Path | None = None) -> dict:
     configs in `config_dir` (default: the shipped SD1.5 configs)."""
     if is_single_file(base):
         return load_sd15_single_file(Path(base), config_dir)
+    if (base / "transformer" / "config.json").is_file():
+        raise IncompatibleWeightsError(
+            f"{base} is a PixArt (transformer) model; the gray style runs on an SD1.5 base (or use a sketch style)"
+        )
     for sub, name in (("vae", "config.json"), ("text_encoder", "config.json"), ("scheduler", "scheduler_config.json")):
         require_file(base / sub / name, base, SD15_REPO)
     return dict(

@@ -5,7 +5,6 @@ them itself.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +13,7 @@ from .errors import InvalidInputError
 from .imaging import check_query_size
 from .presets import get_preset
 from .styles import check_preprocess
+from .validation import check_finite
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,9 @@ class ColorizeOptions:
             check_query_size(*self.size)
         if self.steps < 1:
             raise InvalidInputError("steps must be at least 1")
-        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1.0):
-            raise InvalidInputError("guidance scale must be a number >= 1.0 (1.0 = no classifier-free guidance)")
-        if not math.isfinite(self.guider_scale):
-            raise InvalidInputError("guider scale must be a finite number")
+        check_finite(self.guider_scale, "guider scale")
+        if self.guidance_scale is not None and check_finite(self.guidance_scale, "guidance scale") < 1.0:
+            raise InvalidInputError("guidance scale must be >= 1.0 (1.0 = no classifier-free guidance)")
         if self.preprocess is not None:
             check_preprocess(self.preprocess)
         if not 0 <= self.seed < 2**63:

@@ -294,9 +294,9 @@ def _colorize_in_order(
         # A batch's steps advance all its pages: reported as that many pages' steps.
         steps = (lambda d, t, k=len(images): progress("step", d * k, t * k)) if progress else None
         for result in colorize_batch(model, images, pool, options, names=names, step_progress=steps, observer=observer):
-            if feed_back:
-                pool.add([result.final])
             done += 1
             if progress is not None:
                 progress("page", done, len(pages))
-            yield result
+            yield result  # before feed-back: the caller saves the page even if adding it to the pool fails
+            if feed_back:
+                pool.add([result.final])

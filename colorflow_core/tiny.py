@@ -13,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVi
 from .models.color_guider import ColorGuiderSDModel
 from .models.lora import SD_LORA_TARGETS
 from .preprocessors.tiny_weights import write_tiny_preprocessors
-from .tiny_common import VAE_BLOCKS, randomize_, tiny_vae, write_tiny_fusion
+from .tiny_common import VAE_BLOCKS, check_tiny_folder, claim_tiny_folder, randomize_, tiny_vae, write_tiny_fusion
 from .tiny_pixart import write_tiny_pixart
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -22,6 +22,7 @@ BLOCKS = (16, 32, 64, 64)
 TEXT_DIM = 32
 LORA_RANK = 4
 _SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+
 
 
 def _byte_symbols() -> list[str]:
@@ -94,9 +95,10 @@ def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """
     folder = Path(folder)
     release, base = folder / "colorflow", folder / "sd15"
+    for path in (release, base, folder / "pixart"):  # all checked before any is cleared
+        check_tiny_folder(path)
     for path in (release, base):
-        if path.exists():
-            shutil.rmtree(path)
+        claim_tiny_folder(path)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
 
@@ -112,7 +114,7 @@ def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     )
     CLIPTextModel(text).save_pretrained(base / "text_encoder")
     write_tokenizer(base / "tokenizer")
-    (base / "scheduler").mkdir(parents=True)
+    (base / "scheduler").mkdir()
     shutil.copy(CONFIGS / "sd15_scheduler_config.json", base / "scheduler" / "scheduler_config.json")
     (base / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline",

@@ -1,14 +1,35 @@
-"""Tiny random parts both model families' test weights share: the seeded fill, the SD-shaped VAE, the fusion net."""
+"""What both model families' tiny test weights share: the folder guard, the seeded fill, the SD-shaped VAE, the fusion net."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
+from .errors import InvalidInputError
 from .models.fusion import MultiHiddenResNetModel
 
 VAE_BLOCKS = (8, 16, 32, 32)
+#: Written first into every folder make-tiny creates: the only folders it will ever delete and rewrite.
+TINY_MARKER = ".colorflow-tiny"
+
+
+def check_tiny_folder(path: Path) -> None:
+    """Refuse a `path` that exists and was not written by make-tiny (a downloaded release, say)."""
+    if path.exists() and not (path / TINY_MARKER).is_file():
+        raise InvalidInputError(
+            f"'{path}' already exists and was not written by make-tiny; nothing was changed: give a new or empty folder"
+        )
+
+
+def claim_tiny_folder(path: Path) -> None:
+    """Empty `path` for tiny weights: create it, or clear it when make-tiny wrote it; refuse any other folder."""
+    check_tiny_folder(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / TINY_MARKER).write_text("tiny random weights written by `python -m colorflow_core make-tiny`\n")
 
 
 def randomize_(tensor: torch.Tensor, scale: float, generator: torch.Generator) -> None:

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 from .models.color_guider_pixart import ColorGuiderPixArtModel, with_alias_keys
 from .models.lora import PIXART_LORA_TARGETS
 from .styles import STYLES
-from .tiny_common import VAE_BLOCKS, randomize_, tiny_vae, write_tiny_fusion
+from .tiny_common import VAE_BLOCKS, claim_tiny_folder, randomize_, tiny_vae, write_tiny_fusion
 
 CONFIGS = Path(__file__).parent / "configs" / "pixart"
 #: 3 heads × 8: the width must split in 3 (PixArt's resolution + aspect embedders take a third each).
@@ -110,8 +110,7 @@ def write_pixart_style(folder: Path, vae_blocks: tuple[int, ...], generator: tor
 def write_tiny_pixart(release: Path, base: Path, seed: int = 0) -> Path:
     """Write `release/sketch`, `release/shading` and the PixArt base folder `base`; return `base`."""
     # The PixArt VAE is the SD architecture (sd-vae-ft-ema): the shared tiny VAE.
-    if base.exists():
-        shutil.rmtree(base)
+    claim_tiny_folder(base)
     generator = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed + 1)
     transformer = tiny_pixart_transformer()
@@ -125,7 +124,7 @@ def write_tiny_pixart(release: Path, base: Path, seed: int = 0) -> Path:
     vae.save_pretrained(base / "vae")
     tiny_t5().save_pretrained(base / "text_encoder")
     write_t5_tokenizer(base / "tokenizer")
-    (base / "scheduler").mkdir(parents=True)
+    (base / "scheduler").mkdir()
     shutil.copy(CONFIGS / "scheduler" / "scheduler_config.json", base / "scheduler" / "scheduler_config.json")
     (base / "model_index.json").write_text(json.dumps({
         "_class_name": "PixArtAlphaPipeline",

@@ -22,7 +22,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         if path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
             state = torch.load(path, map_location="cpu", weights_only=True)
-            return state.get("state_dict", state) if isinstance(state, dict) else state
+            if not isinstance(state, dict):
+                raise IncompatibleWeightsError(f"weight file {path} holds a {type(state).__name__}, not named tensors")
+            return state.get("state_dict", state)
     except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise IncompatibleWeightsError(f"cannot read weight file {path}: {reason} (corrupt, truncated or not a plain tensor file)") from exc

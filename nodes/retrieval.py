@@ -31,11 +31,11 @@ class ColorFlowLoadPages:
     @classmethod
     def IS_CHANGED(cls, folder: str, allow_outside_input: bool):
         """Re-run when the folder's images change."""
-        return folder_signature(folder, allow_outside_input)
+        return folder_signature(folder)
 
     def load(self, folder: str, allow_outside_input: bool):
-        """Return the pages, one IMAGE per file."""
-        return ([pil_to_images([to_rgb(load_image(path))]) for path in folder_images(folder, allow_outside_input)],)
+        """Return the pages, one IMAGE per file (`allow_outside_input` is ignored: see its tooltip)."""
+        return ([pil_to_images([to_rgb(load_image(path))]) for path in folder_images(folder)],)
 
 
 class ColorFlowReferencePool:
@@ -67,13 +67,13 @@ class ColorFlowReferencePool:
     @classmethod
     def IS_CHANGED(cls, folder: str = "", allow_outside_input: bool = False, **_):
         """Re-run when the folder's images change."""
-        return folder_signature(folder, allow_outside_input)
+        return folder_signature(folder)
 
     def build(self, encoder, pool_name: str, folder: str, allow_outside_input: bool, images=None):
-        """Open the pool, add the references, return it with a summary."""
+        """Open the pool, add the references, return it with a summary (`allow_outside_input` is ignored)."""
         items: list = images_to_pil(images) if images is not None else []
         if folder.strip():
-            items += folder_images(folder, allow_outside_input)
+            items += folder_images(folder)
         pool = open_pool(pool_name, encoder)
         added = pool.add(items, progress=comfy_bridge.progress_bar(len(items)))
         if len(pool) == 0:

@@ -19,6 +19,8 @@ def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise InvalidInputError(f"expected an IMAGE tensor [B,H,W,C] with C in 1, 3 or 4, got shape {tuple(images.shape)}")
+    if 0 in images.shape[:3]:
+        raise InvalidInputError(f"the IMAGE input is empty (shape {tuple(images.shape)}): connect at least one image")
     frames = images.detach().to("cpu", torch.float32).clone()
     frames = frames[..., :3] if frames.shape[-1] == 4 else frames.expand(*frames.shape[:3], 3)
     pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
@@ -41,6 +43,8 @@ def masks_to_pil(masks: torch.Tensor) -> list[Image.Image]:
         masks = masks[None]
     if masks.ndim != 3:
         raise InvalidInputError(f"expected a MASK tensor [B,H,W], got shape {tuple(masks.shape)}")
+    if 0 in masks.shape:
+        raise InvalidInputError(f"the MASK input is empty (shape {tuple(masks.shape)}): connect at least one mask")
     values = (masks.detach().to("cpu", torch.float32).clone().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     return [Image.fromarray(np.ascontiguousarray(value), mode="L") for value in values]
 

@@ -28,6 +28,8 @@ def normalize_lora_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     to peft's `<module>.lora_A.default.weight`; any other key is an error."""
     normalized: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise IncompatibleWeightsError(f"LoRA file holds a {type(tensor).__name__} under '{key}', not a tensor")
         match = _KEY.match(key)
         if match is None:
             raise IncompatibleWeightsError(f"LoRA file holds a key that is not a LoRA weight: '{key}'")
@@ -59,6 +61,17 @@ def apply_lora(
     use it; others (stock PixArt has none) get the adapter through `peft.inject_adapter_in_model`.
     """
     tensors = normalize_lora_keys(state_dict)
+    if not tensors:
+        raise IncompatibleWeightsError("LoRA file holds no tensors")
+    modules = {name for name, _ in model.named_modules()}
+    if not any(key.split(".lora_")[0] in modules for key in tensors):
+        kind = "UNet" if "UNet" in type(model).__name__ else type(model).__name__
+        raise IncompatibleWeightsError(
+            f"none of the LoRA file's tensors match a {kind} module (e.g. '{next(iter(tensors))}'): a LoRA for another model?"
+        )
+    broken = [key for key, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise IncompatibleWeightsError(f"LoRA file holds NaN or infinite values in {len(broken)} tensor(s), e.g. '{broken[0]}'")
     rank = lora_rank(tensors)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets))
     add_lora_adapter(model, config)

@@ -16,6 +16,7 @@ from ..errors import IncompatibleWeightsError
 from ..models.color_guider_pixart import ColorGuiderPixArtModel
 from ..models.pixart_injection import inject_controls
 from ..observe import NO_OBSERVER, PageObserver
+from ..validation import check_finite_tensor
 from .condition import NEGATIVE_PROMPT, PROMPT, ICPResult, ICPSampler, ProgressFn
 from .t5_prompt import PromptEmbeddings, T5PromptEncoder
 
@@ -117,7 +118,7 @@ class ColorFlowPixArtPipeline(ICPSampler, DiffusionPipeline):
     ) -> list[ICPResult]:
         """See `ICPSampler.sample_pages`; the canvases are denoised one after another."""
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        self.check_pages(canvases, masks, generators, posterior_generators, num_inference_steps, guidance_scale)
+        self.check_pages(canvases, masks, generators, posterior_generators, num_inference_steps, guidance_scale, guider_scale)
         return [
             self._sample_one(
                 canvas, mask, latent_generator, posterior_generator, prompt, negative_prompt, num_inference_steps,
@@ -189,6 +190,7 @@ class ColorFlowPixArtPipeline(ICPSampler, DiffusionPipeline):
                 observer.step_end(i + 1, len(timesteps))
                 if progress is not None:
                     progress(i + 1, len(timesteps))
+        check_finite_tensor(latents, "ICP denoising (ColorGuider + PixArt transformer)")
 
         # 7. Decode.
         with observer.stage("decode"):

@@ -12,6 +12,7 @@ from .. import runtime
 from ..models.color_guider import ColorGuiderSDModel
 from ..models.unet_injection import inject_guider_residuals
 from ..observe import NO_OBSERVER, PageObserver
+from ..validation import check_finite_tensor
 from .condition import NEGATIVE_PROMPT, PROMPT, ICPResult, ICPSampler, ProgressFn
 
 __all__ = ["ColorFlowSDPipeline", "ICPResult", "ProgressFn"]
@@ -97,7 +98,7 @@ class ColorFlowSDPipeline(ICPSampler, DiffusionPipeline):
         """See `ICPSampler.sample_pages`; same-size canvases are denoised as one UNet batch."""
         # 1. Check inputs; what runs where.
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        self.check_pages(canvases, masks, generators, posterior_generators, num_inference_steps, guidance_scale)
+        self.check_pages(canvases, masks, generators, posterior_generators, num_inference_steps, guidance_scale, guider_scale)
         do_classifier_free_guidance = guidance_scale > 1.0
         batch = 2 if do_classifier_free_guidance else 1
         pages = len(canvases)
@@ -150,6 +151,7 @@ class ColorFlowSDPipeline(ICPSampler, DiffusionPipeline):
                 observer.step_end(i + 1, len(timesteps))
                 if progress is not None:
                     progress(i + 1, len(timesteps))
+        check_finite_tensor(latents, "ICP denoising (ColorGuider + UNet)")
 
         # 7. Decode each page.
         with observer.stage("decode"):

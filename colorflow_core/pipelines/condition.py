@@ -15,6 +15,7 @@ from .. import runtime
 from ..canvas import center_crop, split_canvas
 from ..errors import InvalidInputError
 from ..observe import NO_OBSERVER, PageObserver
+from ..validation import check_finite
 
 ProgressFn = Callable[[int, int], None]
 #: Upstream's prompts (the app never changed them).
@@ -92,9 +93,10 @@ class ICPSampler:
 
     def check_pages(
         self, canvases: list[Image.Image], masks: list[Image.Image], generators: list, posterior_generators: list,
-        steps: int, guidance_scale: float,
+        steps: int, guidance_scale: float, guider_scale: float = 1.0,
     ) -> None:
         """Reject canvases and options the sampler cannot use, with a one-line reason."""
+        check_finite(guider_scale, "guider scale")
         if not canvases or not (len(canvases) == len(masks) == len(generators) == len(posterior_generators)):
             raise InvalidInputError("sampling needs one mask and two generators per canvas")
         if len({c.size for c in canvases}) > 1:
@@ -107,7 +109,7 @@ class ICPSampler:
                 raise InvalidInputError(f"mask {mask.size} and canvas {canvases[0].size} differ in size")
         if steps < 1:
             raise InvalidInputError("steps must be at least 1")
-        if not guidance_scale >= 1.0:
+        if check_finite(guidance_scale, "guidance scale") < 1.0:
             raise InvalidInputError("guidance scale must be >= 1.0 (1.0 turns classifier-free guidance off)")
 
     def _encode_image(

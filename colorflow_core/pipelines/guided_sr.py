@@ -10,8 +10,10 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from .. import runtime
+from ..errors import InvalidInputError
 from ..models.fusion import MultiHiddenResNetModel
 from ..models.guided_vae import decode_with_features, encode_with_features
+from ..validation import check_finite_tensor
 
 
 def to_unit_tensor(image: Image.Image) -> torch.Tensor:
@@ -74,6 +76,12 @@ class GuidedSuperResolver:
 
         Runs in stages (VAE encode → fusion → VAE decode), each model on the device only for its stage under an
         offloading `run`, and frees every feature map as soon as it is fused (upstream's numbers, less memory)."""
+        width, height = guide.size
+        if width % 8 or height % 8 or min(width, height) < 16:
+            raise InvalidInputError(
+                f"guided upscale works at {width}x{height} (1.5x the colour page {lowres.width}x{lowres.height}), which "
+                "must be a multiple of 8 and at least 16 both ways: use a page size that is a multiple of 16"
+            )
         upscaled = lowres.convert("RGB").resize(guide.size)
         with runtime.stage(run, "vae", self.vae):
             device, dtype = self.vae.device, self.vae.dtype
@@ -95,5 +103,6 @@ class GuidedSuperResolver:
             device, dtype = self.vae.device, self.vae.dtype
             out = decode_with_features(self.vae, latent.to(device, dtype), [a.to(device, dtype) for a in additions])
         del additions
-        out = out.float().clamp(-1, 1)[0].permute(1, 2, 0).cpu().numpy()
+        out = check_finite_tensor(out, "GSRP guided upscale (VAE + fusion net)").float().clamp(-1, 1)
+        out = out[0].permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(((out * 0.5 + 0.5) * 255).astype(np.uint8))

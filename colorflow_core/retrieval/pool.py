@@ -2,10 +2,17 @@
 
 Store layout (all writes atomic)::
 
-    store/pool.json                          format version, encoder name and dim, ordered references, index signatures
+    store/pool.json                          format version, generation, encoder name and dim, ordered references
     store/refs/<hash>.png                    each reference, lossless
     store/embeddings/<encoder>/<hash>_<W>x<H>.npy   raw [5, dim] embeddings of its candidates at W×H
-    store/index_<W>x<H>.faiss                IndexFlatIP over all 5N normalised candidates at W×H
+    store/index_<W>x<H>_<signature>.faiss    IndexFlatIP over all 5N normalised candidates at W×H
+    store/.lock                              advisory lock held by every write
+
+Many processes may share a store: every write happens under the lock, and adding re-reads `pool.json` and merges
+with it, so no writer drops another's references. Each write of `pool.json` raises its generation; a pool object
+that sees a generation other than its own reloads the reference list before adding or searching. Searching never
+writes `pool.json`, only content-addressed caches (embeddings, indexes), and skips them when the store is read-only.
+Opening a store removes the temporary files of saves that were killed.
 
 Opening a store made by another encoder discards its embeddings and indexes and re-embeds on demand.
 A pool.json that cannot be read raises `PoolStoreError`; a corrupt embedding or index file is a cache miss
@@ -21,12 +28,14 @@ import json
 import logging
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from ..errors import ColorFlowError, IncompatibleWeightsError, InvalidInputError
@@ -40,6 +49,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 POOL_FILE = "pool.json"
+LOCK_FILE = ".lock"
+#: Seconds a writer waits for another process's write of the same store before giving up.
+LOCK_TIMEOUT = 120.0
 #: Modes a PNG holds losslessly; other modes are stored (and used) as the RGB that `process_image` makes of them.
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})
 #: References embedded per encoder call (×5 candidate images).
@@ -137,7 +149,9 @@ class ReferencePool:
         self._candidates: dict[tuple[str, int, int], list[Image.Image]] = {}
         self._indexes: dict[Size, tuple[str, Any, Any]] = {}
         self._parent: ReferencePool | None = None
-        self._index_signatures: dict[str, str] = {}
+        #: Generation of the store's pool.json this pool's reference list reflects (-1: none read yet).
+        self._generation = -1
+        self._lock = FileLock(self.store / LOCK_FILE) if self.store is not None else None
         if self.store is not None and (self.store / POOL_FILE).exists():
             self._load()
 
@@ -183,6 +197,7 @@ class ReferencePool:
     def add(self, items: Items, progress: Progress | None = None) -> int:
         """Add images, arrays, files or folders (sorted by name); returns how many were new (not duplicates)."""
         sources = _expand(items)
+        self._sync()
         known = {ref.digest for ref in self._refs}
         new: list[_Reference] = []
         for done, (item, name) in enumerate(sources, 1):
@@ -194,22 +209,33 @@ class ReferencePool:
             if progress is not None:
                 progress(done, len(sources))
         if new:
-            self._persist_references(new)
-            self._refs.extend(new)
+            self._commit(new)
         return len(new)
 
-    def _persist_references(self, new: list[_Reference]) -> None:
+    def _commit(self, new: list[_Reference]) -> None:
+        """Append `new`; a persisted pool merges them into the store's current list under its lock."""
         if self.store is None:
+            self._refs.extend(new)
             return
-        for ref in new:
-            write_png(self._ref_path(ref.digest), ref.image)
-        self._index_signatures.clear()
-        self._write_manifest(self._refs + new)
+        try:
+            with self._locked():
+                manifest = self._read_store()
+                stored = _manifest_refs(manifest) if manifest is not None else []
+                present = {ref.digest for ref in stored}
+                fresh = [ref for ref in new if ref.digest not in present]
+                for ref in fresh:
+                    write_png(self._ref_path(ref.digest), ref.image)
+                generation = (manifest or {}).get("generation", 0) + 1
+                self._write_manifest(stored + fresh, generation)
+        except OSError as exc:
+            raise PoolStoreError(f"cannot write reference pool {self.store}: {exc.strerror or exc}") from exc
+        self._adopt(stored + fresh, generation)
 
     # ----------------------------------------------------------------------------------------- search
     def search(self, query: Image.Image, size: Size | None = None, k: int = 3, progress: Progress | None = None) -> Retrieval:
         """Top-`k` reference candidates at `size` for each of the query's 4 patches (exact cosine)."""
         size = (int(size[0]), int(size[1])) if size is not None else query.size
+        self._sync()
         total = len(self._refs) * PATCHES_PER_REFERENCE
         if total == 0:
             raise InvalidInputError("the reference pool is empty: add at least one reference image before searching")
@@ -249,7 +275,11 @@ class ReferencePool:
     def _candidates_of(self, ref: _Reference, size: Size) -> list[Image.Image]:
         key = (ref.digest, *size)
         if key not in self._candidates:
-            self._candidates[key] = reference_patches(process_image(self._image(ref), *size), size)
+            try:
+                page = process_image(self._image(ref), *size)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"reference {ref.label}: {exc}") from exc
+            self._candidates[key] = reference_patches(page, size)
         return self._candidates[key]
 
     def _image(self, ref: _Reference) -> Image.Image:
@@ -270,7 +300,7 @@ class ReferencePool:
             return False
         try:
             rows = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             log.warning("ignoring unreadable embedding file %s (%s); re-embedding", path, exc)
             return False
         if rows.shape != (PATCHES_PER_REFERENCE, self.encoder.dim) or rows.dtype != np.float32:
@@ -284,7 +314,7 @@ class ReferencePool:
         self._embeddings[self._embedding_key(ref, size)] = rows
         path = self._embedding_path(ref, size)
         if path is not None:
-            write_npy(path, rows)
+            self._write_cache(path, lambda: write_npy(path, rows))
 
     def _signature(self, size: Size) -> str:
         """Identity of an index's content: encoder, size and the ordered reference hashes."""
@@ -305,9 +335,9 @@ class ReferencePool:
         return index, self._indexes[size][2]
 
     def _load_index(self, size: Size, signature: str) -> Any:
-        if self.store is None or self._index_signatures.get(_size_key(size)) != signature:
+        if self.store is None or not self._index_path(size, signature).is_file():
             return None
-        path = self._index_path(size)
+        path = self._index_path(size, signature)
         try:
             index = load_faiss().read_index(str(path))
         except RuntimeError as exc:
@@ -321,9 +351,38 @@ class ReferencePool:
     def _save_index(self, size: Size, signature: str, index: Any) -> None:
         if self.store is None:
             return
-        write_faiss_index(self._index_path(size), index)
-        self._index_signatures[_size_key(size)] = signature
-        self._write_manifest(self._refs)
+        path = self._index_path(size, signature)
+
+        def replace_stale() -> None:
+            legacy = self.store / f"index_{_size_key(size)}.faiss"  # named without a signature by earlier versions
+            for stale in [legacy, *self.store.glob(f"index_{_size_key(size)}_*.faiss")]:
+                stale.unlink(missing_ok=True)
+            write_faiss_index(path, index)
+
+        self._write_cache(path, replace_stale)
+
+    def _write_cache(self, path: Path, write: Callable[[], None]) -> None:
+        """Write a cache file under the store's lock; a store that cannot be written is searched without caching."""
+        try:
+            with self._locked():
+                write()
+        except OSError as exc:
+            log.warning("not caching %s: %s", path, exc.strerror or exc)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the store's advisory lock (one read-modify-write at a time, across processes; released on any exit)."""
+        self.store.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=LOCK_TIMEOUT)
+        except Timeout as exc:
+            raise PoolStoreError(
+                f"reference pool {self.store} stayed locked by another process for {LOCK_TIMEOUT:.0f} s; try again"
+            ) from exc
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     # ----------------------------------------------------------------------------------------- store
     def _ref_path(self, digest: str) -> Path:
@@ -337,33 +396,59 @@ class ReferencePool:
             return None
         return self._encoder_folder() / f"{ref.digest}_{_size_key(size)}.npy"
 
-    def _index_path(self, size: Size) -> Path:
-        return self.store / f"index_{_size_key(size)}.faiss"
+    def _index_path(self, size: Size, signature: str) -> Path:
+        return self.store / f"index_{_size_key(size)}_{signature[:16]}.faiss"
 
-    def _write_manifest(self, refs: list[_Reference]) -> None:
+    def _write_manifest(self, refs: list[_Reference], generation: int) -> None:
         write_json(
             self.store / POOL_FILE,
             {
                 "format_version": FORMAT_VERSION,
+                "generation": generation,
                 "encoder": self.encoder.name,
                 "dim": self.encoder.dim,
                 "references": [{"hash": ref.digest, "name": ref.name} for ref in refs],
-                "indexes": dict(self._index_signatures),
             },
         )
 
+    def _read_store(self) -> dict[str, Any] | None:
+        """The store's pool.json as it is now, or None when there is none."""
+        return read_manifest(self.store) if (self.store / POOL_FILE).is_file() else None
+
+    def _sync(self) -> None:
+        """Reload the reference list when another writer changed the store since this pool last read or wrote it."""
+        if self.store is None:
+            return
+        manifest = self._read_store()
+        if manifest is not None and manifest.get("generation", 0) != self._generation:
+            self._adopt(_manifest_refs(manifest), manifest.get("generation", 0))
+
+    def _adopt(self, refs: list[_Reference], generation: int) -> None:
+        """Take `refs` as the reference list (images already in memory kept) at the store's `generation`."""
+        loaded = {ref.digest: ref for ref in self._refs if ref.image is not None}
+        loaded.update((ref.digest, ref) for ref in refs if ref.image is not None)
+        adopted = []
+        for ref in refs:
+            if ref.digest not in loaded and not self._ref_path(ref.digest).is_file():
+                raise PoolStoreError(f"reference pool {self.store} lists {ref.label} but {self._ref_path(ref.digest)} is missing")
+            adopted.append(loaded.get(ref.digest, ref))
+        self._refs, self._generation = list({ref.digest: ref for ref in adopted}.values()), generation
+
     def _load(self) -> None:
         manifest = read_manifest(self.store)
-        self._refs = [_Reference(entry["hash"], entry.get("name"), None) for entry in manifest["references"]]
-        for ref in self._refs:
-            if not self._ref_path(ref.digest).is_file():
-                raise PoolStoreError(f"reference pool {self.store} lists {ref.label} but {self._ref_path(ref.digest)} is missing")
-        if manifest["encoder"] == self.encoder.name and manifest["dim"] == self.encoder.dim:
-            self._index_signatures = dict(manifest.get("indexes", {}))
-        else:
-            log.info("pool %s was embedded by '%s'; rebuilding for '%s'", self.store, manifest["encoder"], self.encoder.name)
-            self._discard_vectors()
-            self._write_manifest(self._refs)
+        self._adopt(_manifest_refs(manifest), manifest.get("generation", 0))
+        try:
+            with self._locked():
+                for stray in self.store.rglob(".*.tmp"):  # left by saves that were killed
+                    stray.unlink(missing_ok=True)
+                if manifest["encoder"] != self.encoder.name or manifest["dim"] != self.encoder.dim:
+                    log.info("pool %s was embedded by '%s'; rebuilding for '%s'", self.store, manifest["encoder"], self.encoder.name)
+                    self._discard_vectors()
+                    current = self._read_store() or manifest
+                    self._adopt(_manifest_refs(current), current.get("generation", 0) + 1)
+                    self._write_manifest(self._refs, self._generation)
+        except OSError as exc:
+            log.warning("reference pool %s is read-only here (%s); searching it without caching", self.store, exc.strerror or exc)
 
     def _discard_vectors(self) -> None:
         """Delete every other encoder's embeddings and all indexes, so vectors of two encoders never mix."""
@@ -378,7 +463,6 @@ class ReferencePool:
                     folder.unlink()
         for path in self.store.glob("index_*.faiss"):
             path.unlink()
-        self._index_signatures.clear()
 
 
 def read_manifest(store: Path) -> dict[str, Any]:
@@ -393,6 +477,11 @@ def read_manifest(store: Path) -> dict[str, Any]:
     return manifest
 
 
+def _manifest_refs(manifest: dict[str, Any]) -> list[_Reference]:
+    """The references a parsed pool.json lists, in order, images not loaded."""
+    return [_Reference(entry["hash"], entry.get("name"), None) for entry in manifest["references"]]
+
+
 def _valid_manifest(manifest: Any) -> bool:
     """Whether a parsed pool.json has the fields and types this version writes."""
     return (
@@ -400,7 +489,7 @@ def _valid_manifest(manifest: Any) -> bool:
         and manifest.get("format_version") == FORMAT_VERSION
         and isinstance(manifest.get("encoder"), str)
         and isinstance(manifest.get("dim"), int)
-        and isinstance(manifest.get("indexes", {}), dict)
+        and isinstance(manifest.get("generation", 0), int)
         and isinstance(manifest.get("references"), list)
         and all(isinstance(entry, dict) and _HASH.fullmatch(str(entry.get("hash"))) for entry in manifest["references"])
     )

@@ -1,4 +1,6 @@
-"""Atomic file writes: write a temporary file beside the target, fsync it, then `os.replace`."""
+"""Atomic file writes: write a temporary file beside the target, fsync it, then `os.replace`.
+
+Files get the permissions the user's umask gives a new file (the temporary file itself starts private)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +16,16 @@ from PIL import Image
 from .search import load_faiss
 
 
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (read once: setting it is process-wide)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _new_file_mode()
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary file in `path`'s folder and move it over `path` only once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,6 +35,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         _fsync(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):

@@ -322,6 +322,11 @@ def _stored_pool(store, encoder=None) -> ReferencePool:
     return pool
 
 
+def _index_file(store):
+    (path,) = store.glob("index_64x96_*.faiss")
+    return path
+
+
 def test_persistence_round_trip_embeds_nothing_twice(tmp_path):
     store = tmp_path / "store"
     first = _stored_pool(store).search(_query(), SIZE)
@@ -329,7 +334,7 @@ def test_persistence_round_trip_embeds_nothing_twice(tmp_path):
     assert manifest["encoder"] == "fake:v1" and manifest["dim"] == 12
     assert [ref["name"] for ref in manifest["references"]] == ["ref1.png", None]
     assert all((store / "refs" / f"{ref['hash']}.png").is_file() for ref in manifest["references"])
-    assert (store / "index_64x96.faiss").is_file() and len(list((store / "embeddings").rglob("*.npy"))) == 2
+    assert len(list(store.glob("index_64x96_*.faiss"))) == 1 and len(list((store / "embeddings").rglob("*.npy"))) == 2
 
     encoder = FakeEncoder()
     reopened = ReferencePool.open(store, encoder)
@@ -339,7 +344,7 @@ def test_persistence_round_trip_embeds_nothing_twice(tmp_path):
     assert reopened.references == ["ref1.png", manifest["references"][1]["hash"][:12]]
     assert reopened.hashes == [ref["hash"] for ref in manifest["references"]]
 
-    (store / "index_64x96.faiss").unlink()
+    _index_file(store).unlink()
     rebuilt = ReferencePool.open(store, FakeEncoder())
     assert torch.equal(rebuilt.search(_query(), SIZE).indices, first.indices) and rebuilt.embedded_count == 0
 
@@ -347,16 +352,17 @@ def test_persistence_round_trip_embeds_nothing_twice(tmp_path):
 def test_corrupt_index_and_embeddings_are_rebuilt(tmp_path):
     store = tmp_path / "store"
     first = _stored_pool(store).search(_query(), SIZE)
-    (store / "index_64x96.faiss").write_bytes(b"garbage")
+    index_file = _index_file(store)
+    index_file.write_bytes(b"garbage")
     next((store / "embeddings").rglob("*.npy")).write_bytes(b"\x93NUMPY truncated")
     pool = ReferencePool.open(store, FakeEncoder())
     assert torch.equal(pool.search(_query(), SIZE).indices, first.indices)
     assert pool.embedded_count == 5
     assert ReferencePool.open(store, FakeEncoder()).search(_query(), SIZE).indices.tolist() == first.indices.tolist()
-    faiss.write_index(build_index(torch.ones(3, 12)), str(store / "index_64x96.faiss"))  # readable, wrong content
+    faiss.write_index(build_index(torch.ones(3, 12)), str(index_file))  # readable, wrong content
     again = ReferencePool.open(store, FakeEncoder())
     assert torch.equal(again.search(_query(), SIZE).indices, first.indices) and again.embedded_count == 0
-    assert faiss.read_index(str(store / "index_64x96.faiss")).ntotal == 10
+    assert faiss.read_index(str(_index_file(store))).ntotal == 10
 
 
 def test_corrupt_pool_file_raises_a_clear_error(tmp_path):
@@ -378,7 +384,7 @@ def test_encoder_change_rebuilds_and_never_mixes_vectors(tmp_path):
     other = FakeEncoder("fake:v2", sign=-1.0)
     pool = ReferencePool.open(store, other)
     assert json.loads((store / "pool.json").read_text())["encoder"] == "fake:v2"
-    assert not any(path.exists() for path in old_files) and not (store / "index_64x96.faiss").exists()
+    assert not any(path.exists() for path in old_files) and not list(store.glob("index_*.faiss"))
     result = pool.search(_query(), SIZE, k=10)
     assert pool.embedded_count == 10
     expected = ReferencePool(FakeEncoder("fake:v2", sign=-1.0))
@@ -412,7 +418,7 @@ def test_pool_write_failure_leaves_the_persisted_pool_intact(tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(store_module.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(PoolStoreError, match="disk full"):
         pool.add(_image(3))
     monkeypatch.undo()
     assert (store / "pool.json").read_text() == before and len(pool) == 2

@@ -122,9 +122,17 @@ def test_folders_outside_the_input_directory_are_refused(pack, loaded, tmp_path,
     add_references = lambda folder, allow: run(pack, "ColorFlowReferencePool", loaded[1], "p", folder, allow)  # noqa: E731
     for node in (load_pages, add_references):
         for folder in (str(outside), "../models/colorflow/ColorFlow"):
-            with pytest.raises(errors(pack).InvalidInputError, match="outside ComfyUI's input directory"):
-                node(folder, False)
-        assert node(str(outside), True)[0]
+            for allow in (False, True):  # the old widget no longer widens anything
+                with pytest.raises(errors(pack).InvalidInputError, match="outside ComfyUI's input directory"):
+                    node(folder, allow)
+    listing = user_dir / "colorflow" / "allowed_folders.txt"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text(f"# folders ColorFlow nodes may read\n{outside}\n")
+    try:
+        for node in (load_pages, add_references):
+            assert node(str(outside), False)[0]
+    finally:
+        listing.unlink()
 
 
 def test_is_changed_follows_the_folder(pack, comfy_base):
