@@ -69,10 +69,10 @@ def _destinations(args: argparse.Namespace) -> Path:
     out = check_writable_folder(args.out, "--out")
     if args.save_intermediates:
         check_writable_folder(args.save_intermediates, "--save-intermediates")
-    if args.pool and args.feed_back_into_pool:
-        check_writable_folder(args.pool, "--pool (--feed-back-into-pool adds each page to it)")
-    elif args.pool and Path(args.pool).is_file():
+    if args.pool and Path(args.pool).is_file():
         raise ColorFlowError(f"--pool '{args.pool}' is a file, not a folder")
+    if args.pool and (args.feed_back_into_pool or not Path(args.pool).exists()):
+        check_writable_folder(args.pool, "--pool (new references and --feed-back-into-pool pages are added to it)")
     return out
 
 

@@ -227,7 +227,7 @@ def test_cli_keeps_the_finished_page_when_feeding_it_back_fails(ws, tiny_model, 
         return original(self, items, progress)
 
     monkeypatch.setattr(ReferencePool, "add", refuse_pages)
-    assert main(ws.colorize("--pool", ws.pool, "--feed-back")) == 1
+    assert main(ws.colorize("--pool", ws.pool, "--feed-back-into-pool")) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot write reference pool {ws.pool}: No space left on device"
     assert Image.open(ws.out / "page.png").size == (96, 144)
     assert len(ReferencePool.open(ws.pool, tiny_model.encoder)) == 1
