@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import register as register_evaluation  # evaluate, bench, make-chapter
 
     register_evaluation(commands)
+    from .training.cli import register as register_training  # prepare-training, train, bench-train
+
+    register_training(commands)
     return parser
 
 
