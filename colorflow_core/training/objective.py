@@ -55,13 +55,13 @@ def _state(seed: int, keys: tuple[int, ...]) -> int:
 
 
 def sample_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator for one (seed, purpose, step, micro-step, sample) tuple: no RNG state to carry, so a resumed or
+    """A CPU generator for one (seed, purpose, sample number or step) tuple: no RNG state to carry, so a resumed or
     data-parallel run draws exactly the numbers of an uninterrupted single-process run."""
     return torch.Generator().manual_seed(_state(seed, keys))
 
 
 def sample_choice(count: int, seed: int, *keys: int) -> int:
-    """A seeded choice in range(count) for one (seed, purpose, step, …) tuple."""
+    """A seeded choice in range(count) for one (seed, purpose, sample number or step) tuple."""
     return _state(seed, keys) % count
 
 

@@ -1,9 +1,10 @@
 """The training loop: AdamW with warm-up, accumulation, autocast, EMA, data parallelism, checkpoints, validation.
 
-Every random draw of a sample comes from a generator seeded by (seed, step, micro-step, sample index), and the frame
-of each sample from a per-epoch permutation seeded by (seed, epoch): there is no RNG state to save, so a resumed run
-repeats an uninterrupted one bit for bit, and N processes with a global batch B compute what one process computes
-with batch B (each takes its B/N slice; gradients are averaged with an all-reduce).
+Every random draw of a sample comes from a generator seeded by (seed, the sample's number in the run), the crop layout
+from (seed, step), and the frame of each sample from a per-epoch permutation seeded by (seed, epoch): there is no RNG
+state to save, so a resumed run repeats an uninterrupted one bit for bit, N processes with a global batch B compute
+what one process computes with batch B (each takes its B/N slice; gradients are averaged with an all-reduce), and
+batch B with A accumulated micro-batches trains like batch A*B.
 """
 from __future__ import annotations
 
@@ -225,8 +226,11 @@ class Trainer:
                 losses = self._step(models, frames, step, autocast, scaler)
                 self._sync_gradients(params, losses)
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                scaler.step(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                if torch.isfinite(norm) or scaler.is_enabled():
+                    scaler.step(optimizer)  # fp16: the scaler itself skips non-finite steps and lowers its scale
+                else:
+                    self.progress(f"warning: non-finite gradients at step {step + 1}; its update is skipped")
                 scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -268,18 +272,21 @@ class Trainer:
         """target -> loss of micro-batch `micro` of `step` (this process's slice), every draw seeded by its position."""
         c = self.config
         local = c.batch_size // self.world
-        layout = LAYOUTS[sample_choice(len(LAYOUTS), c.seed, LAYOUT, step, micro)]
-        indices = range(self.rank * local, (self.rank + 1) * local)
-        picks = [self._frame(frames, (step * c.grad_accum + micro) * c.batch_size + i) for i in indices]
-        styles = [c.styles[sample_choice(len(c.styles), c.seed, STYLE, step, micro, i)] for i in indices]
+        # One crop layout per step (a batch shares a shape); every other draw is keyed by the sample's number in the
+        # run, so batch B x accumulation A trains like batch A*B, on any number of processes.
+        layout = LAYOUTS[sample_choice(len(LAYOUTS), c.seed, LAYOUT, step)]
+        first = (step * c.grad_accum + micro) * local * self.world + self.rank * local
+        numbers = range(first, first + local)
+        picks = [self._frame(frames, n) for n in numbers]
+        styles = [c.styles[sample_choice(len(c.styles), c.seed, STYLE, n)] for n in numbers]
         losses = {}
         if c.target in ("icp", "all"):
             samples = [icp_sample(self.data, f, s, layout, self.page_size) for f, s in zip(picks, styles)]
-            gens = [sample_generator(c.seed, SAMPLE, step, micro, i) for i in indices]
+            gens = [sample_generator(c.seed, SAMPLE, n) for n in numbers]
             losses["icp"] = icp_loss(models, samples, gens, c.mu, c.prompt_dropout, autocast)
         if c.target in ("gsrp", "all"):
             samples = [gsrp_sample(self.data, f, s, self.page_size) for f, s in zip(picks, styles)]
-            gens = [sample_generator(c.seed, GSRP, step, micro, i) for i in indices]
+            gens = [sample_generator(c.seed, GSRP, n) for n in numbers]
             losses["gsrp"] = gsrp_loss(models, samples, gens, autocast)
         return losses
 

@@ -162,3 +162,33 @@ def test_from_base_trains_and_loads(prepared, tmp_path):
     assert {t.shape[0] for k, t in lora.items() if ".lora_A." in k} == {4}
     load_colorflow(release, prepared[2], device="cpu", dtype="float32")
     shutil.rmtree(out)
+
+
+def test_accumulation_and_checkpointing_train_like_one_batch(prepared, tmp_path):
+    whole = Trainer(config(prepared, tmp_path / "whole", steps=2, batch_size=2, checkpoint_every=100))
+    whole.run()
+    bf16 = Trainer(config(prepared, tmp_path / "bf16", steps=1, batch_size=2, precision="bf16", checkpoint_every=100))
+    bf16.run()  # CPU autocast: same batch, loss close to float32's
+    assert abs(losses(tmp_path / "bf16")[0] - losses(tmp_path / "whole")[0]) < 0.05
+    split = Trainer(config(prepared, tmp_path / "split", steps=2, batch_size=1, grad_accum=2,
+                           gradient_checkpointing=True, checkpoint_every=100))
+    split.run()
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert len(a) == 2 and all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
+
+
+def test_ema_and_validation_images(prepared, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(config(prepared, out, steps=2, ema=0.5, holdout="ch1", validate_every=2, val_steps=1,
+                             checkpoint_every=100))
+    release = trainer.run()
+    lines = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    validation = [line for line in lines if line["target"] == "validation"]
+    assert len(validation) == 1 and validation[0]["frame"].startswith("ch1/") and math.isfinite(validation[0]["psnr"])
+    assert (out / "validation" / "step-00000002.png").is_file()
+    assert all(math.isfinite(line["loss"]) for line in lines if line["target"] == "icp")
+    ema = load_file(str(out / "checkpoints" / "step-00000002" / "ema.safetensors"))
+    shipped = load_file(str(release / "GraySD" / "diffusion_pytorch_model.safetensors"))
+    raw = trainer.models.pipeline.guider.state_dict()
+    key = "conv_in_condition.weight"
+    assert torch.equal(shipped[key], ema[f"guider.{key}"]) and not torch.equal(shipped[key], raw[key])
