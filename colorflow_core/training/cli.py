@@ -102,7 +102,7 @@ def register(commands) -> None:
     tr.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     tr.add_argument("--batch-size", type=int, default=1, help="global batch per step (split over torchrun processes)")
     tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per step")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=0, help="seed of every draw (frames, crops, noise, timesteps)")
     tr.add_argument("--mu", type=float, default=1.5, help="timestep shift µ (paper Eq. 5; 0 = uniform timesteps)")
     tr.add_argument("--styles", default="gray,screen", help="input styles drawn per sample (prepared ones)")
     tr.add_argument("--prompt-dropout", type=float, default=0.1, help="share of samples trained with the empty prompt")
