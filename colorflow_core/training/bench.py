@@ -25,17 +25,21 @@ def _chapters(folder: Path, size: tuple[int, int]) -> Path:
     return folder
 
 
+def bench_weights(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """(release, base): `args.colorflow`/`args.base`, or tiny random weights written under `work`."""
+    if args.colorflow is None:
+        from ..tiny import write_tiny_release
+
+        return write_tiny_release(work / "weights")
+    return Path(args.colorflow), Path(args.base)
+
+
 def run_train_bench(args: argparse.Namespace) -> dict:
     """Prepare a synthetic 2-chapter set, train `args.steps` steps after one warm-up step; time and measure them."""
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="colorflow-train-bench-") as tmp:
         work = Path(tmp)
-        if args.colorflow is None:
-            from ..tiny import write_tiny_release
-
-            release, base = write_tiny_release(work / "weights")
-        else:
-            release, base = Path(args.colorflow), Path(args.base)
+        release, base = bench_weights(args, work)
         size = (args.width, args.height)
         chapters = _chapters(work / "chapters", (int(1.5 * size[0]), int(1.5 * size[1])))
         prepare_training(chapters, work / "data", release, PrepSettings(*size, styles=("gray",)), device=str(device),

@@ -67,6 +67,14 @@ def bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def finetune_demo(args: argparse.Namespace) -> int:
+    """Held-out PSNR / colour consistency of a synthetic chapter before and after fine-tuning."""
+    from .demo import run_finetune_demo
+
+    print(json.dumps(run_finetune_demo(args), indent=2))
+    return 0
+
+
 def register(commands) -> None:
     """Add the training subcommands to the `python -m colorflow_core` subparsers."""
     prep = commands.add_parser("prepare-training", help="training data from coloured chapters (cached retrieval, styles)")
@@ -138,3 +146,16 @@ def register(commands) -> None:
     be.add_argument("--device", default="auto")
     be.set_defaults(func=bench_train)
 
+    de = commands.add_parser("finetune-demo", help="fine-tune on a synthetic chapter's references; held-out scores before/after")
+    de.add_argument("--colorflow", help="release folder (default: tiny random weights)")
+    de.add_argument("--base", help="SD1.5 base folder (with --colorflow)")
+    de.add_argument("--width", type=int, default=64, help="page width (multiple of 32)")
+    de.add_argument("--height", type=int, default=96, help="page height (multiple of 32)")
+    de.add_argument("--references", type=int, default=6, help="coloured pages trained on (and retrieved from)")
+    de.add_argument("--pages", type=int, default=3, help="held-out pages scored")
+    de.add_argument("--steps", type=int, default=60, help="training steps")
+    de.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    de.add_argument("--batch-size", type=int, default=2, help="global batch")
+    de.add_argument("--sample-steps", type=int, default=4, help="denoising steps when scoring")
+    de.add_argument("--seed", type=int, default=0, help="seed of the synthetic chapter")
+    de.set_defaults(func=finetune_demo)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from ..nodes.conftest import one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
+
 #: Prepared page size (canvas 2x) and the page size inside a training crop: small enough for a CPU test.
 PAGE = (64, 96)
 
@@ -20,17 +22,6 @@ def write_chapters(folder: Path, seeds: tuple[int, ...], pages: int = 2) -> Path
         for page in chapter.pages:
             page.color.save(target / f"{page.name}.png")
     return folder
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models are all small ops, which a second thread only slows on a shared CPU."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
