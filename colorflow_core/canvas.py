@@ -68,12 +68,16 @@ def build_canvas(query: Image.Image, patches: list[list[Image.Image]], candidate
     return Canvas(canvas, canvas_mask(width, height), tuple(placements))
 
 
-def split_canvas(canvas: Image.Image) -> tuple[Image.Image, Image.Image]:
-    """The references-only image (centre blacked out) and the query-only image (black elsewhere)."""
+def split_canvas(canvas: Image.Image, box: tuple[int, int, int, int] | None = None) -> tuple[Image.Image, Image.Image]:
+    """The references-only image (page box blacked out) and the query-only image (black elsewhere).
+
+    `box` is the page's box in `canvas`: the centre half by default (a training crop passes its own)."""
     width, height = canvas.size
-    box_w, box_h = width // 2, height // 2
-    left, top = (width - box_w) // 2, (height - box_h) // 2
-    box = (left, top, left + box_w, top + box_h)
+    if box is None:
+        box_w, box_h = width // 2, height // 2
+        left, top = (width - box_w) // 2, (height - box_h) // 2
+        box = (left, top, left + box_w, top + box_h)
+    left, top, box_w, box_h = box[0], box[1], box[2] - box[0], box[3] - box[1]
     references = Image.new("RGB", canvas.size, (0, 0, 0))
     references.paste(canvas, (0, 0))
     references.paste(Image.new("RGB", (box_w, box_h), (0, 0, 0)), (left, top))

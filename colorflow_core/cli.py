@@ -9,6 +9,7 @@ from pathlib import Path
 from .configured import DTYPES, resolve_device
 from .errors import ColorFlowError
 from .evaluation.cli import register as register_evaluation
+from .training.cli import register as register_training
 from .imaging import auto_size, check_query_size, list_images, load_image, process_image
 from .loading import load_colorflow
 from .options import ColorizeOptions
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=make_tiny)
 
     register_evaluation(commands)  # evaluate, bench, make-chapter
+    register_training(commands)  # prepare-training, train, bench-train
     return parser
 
 

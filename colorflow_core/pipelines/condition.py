@@ -126,6 +126,11 @@ class ICPSampler:
         return posterior.sample(generator) * self.vae.config.scaling_factor
 
     @torch.no_grad()
+    def encode_latents(self, image: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
+        """One scaled VAE posterior sample of `image` ([1, 4, H/8, W/8]), as the condition's halves are encoded."""
+        return self._encode_image(image, 1, generator)
+
+    @torch.no_grad()
     def prepare_condition(
         self,
         canvas: Image.Image,
@@ -134,13 +139,15 @@ class ICPSampler:
         generator: torch.Generator | None,
         encode_once: bool = False,
         run: "runtime.Run | None" = None,
+        box: tuple[int, int, int, int] | None = None,
     ) -> torch.Tensor:
         """The guider's 9 channels: [latent of the references-only canvas, keep-mask, latent of the query-only canvas].
 
         The two VAE samples are drawn in that order from `generator` (upstream: the global RNG), `batch` rows each.
         `encode_once` encodes each half once instead of `batch` identical copies (same draws, less work and memory).
+        `box` is the page's box in `canvas` (default: the centre half; training crops pass theirs).
         """
-        references, query = split_canvas(canvas)
+        references, query = split_canvas(canvas, box)
         with runtime.stage(run, "vae", self.vae):
             latent_refs = self._encode_image(references, batch, generator, encode_once)
             latent_query = self._encode_image(query, batch, generator, encode_once)

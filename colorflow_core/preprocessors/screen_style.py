@@ -362,6 +362,7 @@ class ScreenStyle:
         return screen_blend(self.screen(image, seed, deterministic), image)
 
 
-def screen_blend(screen: Image.Image, page: Image.Image) -> Image.Image:
-    """Upstream's blend of the screentone image with the gray page (Pillow: floor of the mean)."""
-    return Image.blend(screen.convert("L").convert("RGB"), to_rgb(page).convert("L").convert("RGB"), 0.5)
+def screen_blend(screen: Image.Image, page: Image.Image, ratio: float = 0.5) -> Image.Image:
+    """Upstream's blend of the screentone image with the gray page (Pillow: floor of the mean); `ratio` is the gray
+    page's share (upstream 0.5; training draws it at random, the paper's ScreenStyle augmentation)."""
+    return Image.blend(screen.convert("L").convert("RGB"), to_rgb(page).convert("L").convert("RGB"), ratio)

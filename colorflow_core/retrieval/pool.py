@@ -169,11 +169,20 @@ class ReferencePool:
         manifest = read_manifest(Path(store))
         return manifest["encoder"], manifest["dim"]
 
-    def fork(self) -> "ReferencePool":
+    def fork(self, hashes: Iterable[str] | None = None) -> "ReferencePool":
         """An unpersisted copy to grow (e.g. with fed-back pages) without changing this pool; it reuses
-        this pool's embeddings, in memory and on disk, so nothing already embedded is embedded again."""
+        this pool's embeddings, in memory and on disk, so nothing already embedded is embedded again.
+
+        `hashes` (content hashes of this pool's references) keeps only those, in that order (a per-page pool)."""
         twin = ReferencePool(self.encoder)
-        twin._refs = [_Reference(ref.digest, ref.name, self._image(ref)) for ref in self._refs]
+        refs = self._refs
+        if hashes is not None:
+            by_hash = {ref.digest: ref for ref in self._refs}
+            unknown = [digest for digest in hashes if digest not in by_hash]
+            if unknown:
+                raise InvalidInputError(f"fork: {len(unknown)} hash(es) are not in this pool, e.g. {unknown[0][:12]}")
+            refs = [by_hash[digest] for digest in hashes]
+        twin._refs = [_Reference(ref.digest, ref.name, self._image(ref)) for ref in refs]
         # Shared on purpose: entries are keyed by (encoder, content hash, size), so they are never stale.
         twin._embeddings = self._embeddings
         twin._candidates = self._candidates
