@@ -38,13 +38,6 @@ def _size(args: argparse.Namespace) -> tuple[int, int] | None:
     return (args.width, args.height) if args.width else None
 
 
-def _stderr_progress(stage: str, done: int, total: int) -> None:
-    if stage == "step":
-        print(f"\r  step {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-    else:
-        print(f"page {done}/{total} done", file=sys.stderr, flush=True)
-
-
 def save_intermediates(folder: Path, result) -> None:
     """canvas, mask, icp, lowres, final and retrieval.json of one page under `folder/<page stem>/`."""
     from .retrieval.store import write_json, write_png
@@ -104,6 +97,7 @@ def colorize(args: argparse.Namespace) -> int:
     from .retrieval import ReferencePool
     from .retrieval.store import write_png
     from .sequence import colorize_pages
+    from .timing import ProgressMeter, announce_estimate
 
     pages = _pages(args.pages)
     preprocess, guidance = style_settings(args.style, args.preprocess, args.guidance)
@@ -128,11 +122,14 @@ def colorize(args: argparse.Namespace) -> int:
         compile_models(model.run_modules()["denoiser"])
         print("torch.compile: the first page compiles the denoiser blocks (slow), later pages reuse them",
               file=sys.stderr, flush=True)
+    announce_estimate(model, options, len(pages), args.feed_back)
+    if args.estimate:
+        return 0
     pool = ReferencePool(_encoder(args.encoder, model), store=args.pool)
     added = pool.add(args.refs)
     print(f"{len(pool)} references in the pool ({added} new)", file=sys.stderr, flush=True)
     out = Path(args.out)
-    results = colorize_pages(model, pages, pool, options, feed_back=args.feed_back, progress=_stderr_progress,
+    results = colorize_pages(model, pages, pool, options, feed_back=args.feed_back, progress=ProgressMeter(len(pages)),
                              page_batch=args.page_batch)
     for result in results:
         write_png(out / f"{result.name}.png", result.final)
@@ -223,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--posterior-mode", action="store_true", help="GSRP decodes the posterior mean, not a sample")
     run.add_argument("--download", action="store_true", help="download missing weights from Hugging Face")
     run.add_argument("--save-intermediates", metavar="DIR", help="write canvas, mask, icp, lowres, final, retrieval.json")
+    run.add_argument("--estimate", action="store_true", help="load the models, print the time estimate and stop")
     run.add_argument("pages", nargs="+", help="page images or folders")
     run.set_defaults(func=colorize)
 
@@ -253,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import register as register_evaluation  # evaluate, bench, make-chapter
 
     register_evaluation(commands)
+    from .demo import register as register_demo  # demo
+
+    register_demo(commands)
     return parser
 
 
