@@ -40,8 +40,8 @@ TINY_FACTOR = 20.0
 CPU_RATES = {
     ("dense", "float32"): (25.0, 143.0),
     ("dense", "bfloat16"): (25.0, 270.0),
-    ("attention", "float32"): (25.0, 133.0),
-    ("attention", "bfloat16"): (25.0, 123.0),
+    ("attention", "float32"): (25.0, 105.0),
+    ("attention", "bfloat16"): (25.0, 100.0),
 }
 CPU_THREADS_MEASURED = 2
 #: Accelerator GFLOP/s (generic guesses, full widths; tiny widths run at a fixed per-step cost instead).
