@@ -148,7 +148,7 @@ def write_index(out: Path, pages: list[DemoPage], table: str, notes: list[str]) 
 <h2>Metrics</h2>
 <pre>{esc(table)}</pre>
 <p>Files: <a href="metrics.json">metrics.json</a>, <a href="chapter/">chapter/</a> (inputs, references, ground truth,
-labels), <a href="colored/">colored/</a>, <a href="intermediates/">intermediates/</a>.</p>
+labels), <a href="colored/">colored/</a>, <a href="canvas/">canvas/</a>, <a href="patches/">patches/</a>.</p>
 </body></html>
 """
     from .retrieval.store import atomic_write
@@ -160,7 +160,6 @@ labels), <a href="colored/">colored/</a>, <a href="intermediates/">intermediates
 
 def run_demo(args: argparse.Namespace) -> int:
     """Make the chapter, colour it with feed-back, evaluate it, write the contact sheet and index.html."""
-    from .cli import save_intermediates
     from .evaluation.report import contact_sheet, evaluate_pages, format_table
     from .evaluation.synthetic import make_chapter, write_chapter
     from .options import ColorizeOptions
@@ -191,12 +190,12 @@ def run_demo(args: argparse.Namespace) -> int:
     pages, rows, preds = [], [], []
     for result, page in zip(results, chapter.pages):
         write_png(out / "colored" / f"{result.name}.png", result.final)
-        save_intermediates(out / "intermediates", result)
+        write_png(out / "canvas" / f"{result.name}.png", result.canvas.image)
         patches = patch_grid(result.retrieval.patches(), (96, 96 * page_size[1] // page_size[0]))
         write_png(out / "patches" / f"{result.name}.png", patches)
         images = {
             "page": f"chapter/input/{INPUT_STYLE}/{page.name}.png",
-            "canvas": f"intermediates/{result.name}/canvas.png",
+            "canvas": f"canvas/{result.name}.png",
             "retrieved patches": f"patches/{result.name}.png",
             "result": f"colored/{result.name}.png",
             "ground truth": f"chapter/gt/{page.name}.png",

@@ -13,16 +13,20 @@ The time model counts the work of one page from the model's own sizes and divide
   physical-limits §5 (attention 133 fp32 / 123 bf16 GFLOP/s); for the tiny test weights measured here (25 GFLOP/s
   whatever the size, 128×192 to 640×640). Widths in between are interpolated on a log scale. GPU rates are generic
   guesses (no GPU was measured), so GPU estimates are labelled rough.
+* A CPU shared with other processes is slower: CPU estimates are multiplied by the load average per core (≥ 1).
 """
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import TextIO
 
 import torch
+
+from .memory import _dtype, _first  # a module list's weight dtype and first config value (one reader for both models)
 
 #: SD family: dense FLOPs of one denoise step per batch row, per latent token per (first-level width)².
 SD_DENSE_PER_TOKEN = 3273.0
@@ -64,6 +68,7 @@ class PageTime:
     other_seconds: float
     device: str
     rough: bool
+    busy: float = 1.0  # the CPU's load factor the estimate includes (other processes running)
 
     @property
     def seconds(self) -> float:
@@ -71,24 +76,8 @@ class PageTime:
         return self.steps * self.step_seconds + self.other_seconds
 
 
-def _config(modules, key: str):
-    for module in modules:
-        config = getattr(module, "config", None)
-        if config is not None and key in config:
-            return config[key]
-    return None
-
-
 def _params(modules) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
-
-
-def _weights_dtype(modules) -> torch.dtype:
-    for module in modules:
-        for param in module.parameters():
-            if param.is_floating_point():
-                return param.dtype
-    return torch.float32
 
 
 def _self_attention_widths(modules) -> list[int]:
@@ -125,16 +114,18 @@ def estimate_page_time(
     compute_dtype: torch.dtype | None = None,
     encode_once: bool = False,
     crops: int = 9,
+    busy: float = 1.0,
 ) -> PageTime:
     """Seconds for one W×H page (None = `--size auto`) of `steps` steps, CFG on or off, from the model's `modules`
     (stage → modules, as `ColorFlowModel.run_modules()` gives), on `device`, computing in `compute_dtype` (default: the
-    weights' dtype); `crops` = CLIP crops embedded per page (4 query patches + 5 with feed-back)."""
+    weights' dtype); `crops` = CLIP crops embedded per page (4 query patches + 5 with feed-back); `busy` multiplies
+    the CPU time (other processes sharing the cores, see `cpu_contention`)."""
     device = torch.device(device)
     width, height = size or AUTO_SIZE
     canvas_px = 4 * width * height
     rows = 2 if cfg else 1
     denoiser = modules.get("denoiser", ())
-    dtype = compute_dtype or _weights_dtype(denoiser)
+    dtype = compute_dtype or _dtype(denoiser)
     if family == "pixart":
         tokens = canvas_px / 256  # 8× VAE, 2×2 patches
         inner = max(_self_attention_widths(denoiser) or [FULL_WIDTH["pixart"]])
@@ -143,7 +134,7 @@ def estimate_page_time(
         attention = sum(4.0 * tokens**2 * w for w in _self_attention_widths(denoiser))
     else:
         tokens = canvas_px / 64
-        c0 = (_config(denoiser, "block_out_channels") or [FULL_WIDTH["sd"]])[0]
+        c0 = (_first(denoiser, "block_out_channels") or [FULL_WIDTH["sd"]])[0]
         position = _width_position(c0, FULL_WIDTH["sd"])
         dense = SD_DENSE_PER_TOKEN * tokens * c0**2
         attention = SD_ATTENTION * tokens**2 * c0
@@ -151,8 +142,8 @@ def estimate_page_time(
     step += STEP_OVERHEAD.get(device.type, STEP_OVERHEAD["mps"])
 
     vae = modules.get("vae", ())
-    v0 = (_config(vae, "block_out_channels") or [FULL_WIDTH["vae"]])[0]
-    layers = (_config(vae, "layers_per_block") or 2) / 2
+    v0 = (_first(vae, "block_out_channels") or [FULL_WIDTH["vae"]])[0]
+    layers = (_first(vae, "layers_per_block") or 2) / 2
     per_pixel = VAE_PER_PIXEL + (VAE_CFG_ENCODE_PER_PIXEL if cfg and not encode_once else 0.0)
     vae_flops = per_pixel * canvas_px * v0**2 * layers
     other = vae_flops / _rate("dense", device, dtype, _width_position(v0, FULL_WIDTH["vae"]))
@@ -162,9 +153,18 @@ def estimate_page_time(
         side = getattr(vision, "image_size", 224) // getattr(vision, "patch_size", 14)
         clip_flops = 2.0 * _params(encoder) * (side * side + 1) * crops
         hidden = getattr(vision, "hidden_size", 1280)
-        other += clip_flops / _rate("dense", device, _weights_dtype(encoder), _width_position(hidden, 1280))
+        other += clip_flops / _rate("dense", device, _dtype(encoder), _width_position(hidden, 1280))
     other += PAGE_OVERHEAD
-    return PageTime(step, steps, other, device.type, rough=device.type != "cpu")
+    if device.type != "cpu":
+        return PageTime(step, steps, other, device.type, rough=True)
+    return PageTime(step * busy, steps, other * busy, device.type, rough=False, busy=busy)
+
+
+def cpu_contention() -> float:
+    """How many times slower the CPU is now than when idle: the 1-minute load average per core, at least 1."""
+    if not hasattr(os, "getloadavg"):
+        return 1.0
+    return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 
 
 def estimate_for_model(model, size: tuple[int, int] | None, steps: int, guidance: float | None = None,
@@ -179,11 +179,11 @@ def estimate_for_model(model, size: tuple[int, int] | None, steps: int, guidance
     modules = model.run_modules()
     requested = model.default_guidance_scale if guidance is None else guidance
     cfg = preset.guidance(requested) > 1.0
-    weights = _weights_dtype(modules.get("denoiser", ()))
+    weights = _dtype(modules.get("denoiser", ()))
     dtype = compute_dtype(preset.compute_dtype, "denoiser", model.device, weights)
     family = "pixart" if getattr(model.pipeline, "transformer", None) is not None else "sd"
     return estimate_page_time(modules, family, model.device, size, steps, cfg, dtype, preset.encode_once,
-                              crops=9 if feed_back else 4)
+                              crops=9 if feed_back else 4, busy=cpu_contention())
 
 
 def format_seconds(seconds: float) -> str:
@@ -199,6 +199,8 @@ def format_seconds(seconds: float) -> str:
 def describe(estimate: PageTime, pages: int) -> str:
     """One line: the estimated time per step, per page and for all pages."""
     rough = " (rough: GPU rates are not calibrated)" if estimate.rough else ""
+    if estimate.busy > 1.05:
+        rough = f" (the CPU is shared: {estimate.busy:.1f}× slower than idle)"
     return (f"estimated {estimate.step_seconds:.2f} s/step, {format_seconds(estimate.seconds)} per page, "
             f"{format_seconds(estimate.seconds * pages)} for {pages} page(s) on {estimate.device}{rough}")
 

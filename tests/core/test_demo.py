@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end_and_its_page_shows_every_output(tiny_release, tmp_
     names = ["page_000", "page_001"]
     for name in names:
         assert Image.open(out / "colored" / f"{name}.png").size == (96, 144)  # GSRP: 1.5× the query
-        for path in (out / "patches" / f"{name}.png", out / "intermediates" / name / "canvas.png",
+        for path in (out / "patches" / f"{name}.png", out / "canvas" / f"{name}.png",
                      out / "chapter" / "gt" / f"{name}.png", out / "chapter" / "input" / "screentone" / f"{name}.png"):
             assert path.is_file(), path
     sheet = Image.open(out / "contact_sheet.png")
