@@ -85,10 +85,10 @@ def _load(args: argparse.Namespace):
 
 def is_tiny(model) -> bool:
     """Whether `model` has the test widths of `colorflow_core.tiny` rather than the release's."""
+    from .memory import _first
     from .timing import FULL_WIDTH
 
-    denoiser = model.run_modules().get("denoiser", ())
-    widths = [m.config["block_out_channels"][0] for m in denoiser if "block_out_channels" in getattr(m, "config", {})]
+    widths = _first(model.run_modules().get("denoiser", ()), "block_out_channels")
     return bool(widths) and widths[0] < FULL_WIDTH["sd"]
 
 
@@ -176,14 +176,14 @@ def run_demo(args: argparse.Namespace) -> int:
     tiny = is_tiny(model)
     accelerator = model.device.type != "cpu"
     size = _query_size(args, tiny, accelerator)
-    page_size = (size[0] * 3 // 2, size[1] * 3 // 2) if size else GPU_PAGE_SIZE
+    # Tiny weights make a random ScreenStyle: the plain gray page keeps the canvas readable.
+    options = ColorizeOptions(size=size, steps=args.steps, seed=args.seed, guidance_scale=model.default_guidance_scale,
+                              preprocess="gray" if tiny else None)
+    page_size = (max(64, size[0] * 3 // 2), max(64, size[1] * 3 // 2)) if size else GPU_PAGE_SIZE
     chapter = make_chapter(args.seed, n_references=args.references, n_pages=args.pages, size=page_size)
     folder = write_chapter(chapter, out / "chapter")
     pool = ReferencePool(model.encoder)
     pool.add(sorted((folder / "references").glob("*.png")))
-    # Tiny weights make a random ScreenStyle: the plain gray page keeps the canvas readable.
-    options = ColorizeOptions(size=size, steps=args.steps, seed=args.seed, guidance_scale=model.default_guidance_scale,
-                              preprocess="gray" if tiny else None)
     announce_estimate(model, options, args.pages, feed_back=True)
     inputs = [folder / "input" / INPUT_STYLE / f"{p.name}.png" for p in chapter.pages]
     results = colorize_pages(model, inputs, pool, options, feed_back=True, progress=ProgressMeter(len(inputs)))

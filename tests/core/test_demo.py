@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end_and_its_page_shows_every_output(tiny_release, tmp_
     release, base = tiny_release
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--colorflow", str(release), "--base", str(base), "--device", "cpu",
-                 "--width", "64", "--height", "96", "--steps", "2", "--pages", "2", "--references", "2"])
+                 "--width", "64", "--height", "96", "--steps", "1", "--pages", "2", "--references", "2"])
     assert code == 0
     err = capsys.readouterr().err
     assert "TINY RANDOM WEIGHTS" in err and "--colorflow DIR --base DIR" in err  # says what it is and how to do better
@@ -78,3 +78,13 @@ def test_tiny_weights_are_made_once_and_never_used_half_written(tmp_path, monkey
 def test_cache_folder_follows_colorflow_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("COLORFLOW_CACHE", str(tmp_path))
     assert demo.tiny_weights_dir() == tmp_path / "tiny-weights"
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_its_test_command():
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text()
+    first_block = re.search(r"```[a-z]*\n(.*?)```", readme, re.S).group(1)
+    assert first_block.splitlines() == ["./run demo", "./run test"]
+    commands = [line for line in (repo / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", " "))]
+    assert commands[-1] == "./run test"
+    assert readme.index("```") < readme.index("\n    ")  # no indented code block comes before it
