@@ -28,8 +28,8 @@ GPU_PAGE_SIZE = (768, 1200)
 SHEET_COLUMNS = ("page", "canvas", "retrieved patches", "result", "ground truth")
 INPUT_STYLE = "screentone"  # the chapter's B/W pages for the gray (SD1.5) style
 REAL_WEIGHTS_HELP = (
-    "Real weights: `python -m colorflow_core colorize --download ...` once (or download TencentARC/ColorFlow and "
-    "stable-diffusion-v1-5/stable-diffusion-v1-5 from Hugging Face), then run the demo again, or pass "
+    "Real weights: `./run demo --download` (or `colorflow demo --download`) fetches TencentARC/ColorFlow and "
+    "stable-diffusion-v1-5 from Hugging Face into its cache (several GB; a GPU makes the pages quick), or pass "
     "--colorflow DIR --base DIR. See README.md, 'Weights'."
 )
 
@@ -66,8 +66,8 @@ def _load(args: argparse.Namespace):
     """(model, note): the weights asked for, else the release in the usual places, else the cached tiny weights."""
     from .loading import load_colorflow
 
-    kwargs = dict(device=args.device, dtype=args.dtype, preset=args.preset)
-    if args.colorflow or args.base:
+    kwargs = dict(device=args.device, dtype=args.dtype, preset=args.preset, allow_download=args.download)
+    if args.colorflow or args.base or args.download:  # asked for: its errors are the user's to see
         from .weights import COLORFLOW_REPO
 
         return load_colorflow(args.colorflow or COLORFLOW_REPO, args.base, **kwargs), None
@@ -239,6 +239,8 @@ def register(commands) -> None:
     demo.add_argument("--colorflow", help="ColorFlow release folder or repo id (default: the Hugging Face cache)")
     demo.add_argument("--base", help="SD1.5 base folder, repo id or single-file checkpoint")
     demo.add_argument("--tiny", action="store_true", help="use the tiny random weights even if the release is here")
+    demo.add_argument("--download", action="store_true",
+                      help="download the release and the SD1.5 base from Hugging Face when missing (several GB)")
     demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: a GPU if there is one)")
     demo.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weight dtype")
     demo.add_argument("--preset", default="faithful", choices=list(PRESET_NAMES), help="run preset (see colorize)")
