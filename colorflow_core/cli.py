@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .configured import DTYPES, resolve_device
 from .errors import ColorFlowError
+from .demo import register as register_demo
 from .evaluation.cli import register as register_evaluation
 from .training.cli import register as register_training
 from .imaging import auto_size, check_query_size, list_images, load_image, process_image
@@ -20,6 +21,7 @@ from .retrieval.store import write_json, write_png
 from .compiling import compile_models
 from .sequence import colorize_pages
 from .styles import PREPROCESS_METHODS, STYLE_NAMES, get_style
+from .timing import ProgressMeter, announce_estimate
 from .tiny import write_tiny_release
 from .validation import check_writable_folder
 from .weights import COLORFLOW_REPO, SD15_REPO, resolve_snapshot
@@ -77,13 +79,6 @@ def _destinations(args: argparse.Namespace) -> Path:
     return out
 
 
-def _stderr_progress(stage: str, done: int, total: int) -> None:
-    if stage == "step":
-        print(f"\r  step {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-    else:
-        print(f"page {done}/{total} done", file=sys.stderr, flush=True)
-
-
 def save_intermediates(folder: Path, result) -> None:
     """canvas, mask, icp, lowres, final and retrieval.json of one page under `folder/<page stem>/`."""
     page_dir = folder / result.name
@@ -129,12 +124,15 @@ def colorize(args: argparse.Namespace) -> int:
         compile_models(model.run_modules()["denoiser"])
         print("torch.compile: the first page compiles the denoiser blocks (slow), later pages reuse them",
               file=sys.stderr, flush=True)
+    announce_estimate(model, options, len(pages), args.feed_back or args.feed_back_into_pool)
+    if args.estimate:
+        return 0
     pool = ReferencePool(_encoder(args.encoder, model), store=args.pool)
     added = pool.add(refs)
     print(f"{len(pool)} references in the pool ({added} new)", file=sys.stderr, flush=True)
     results = colorize_pages(
         model, pages, pool, options, feed_back=args.feed_back or args.feed_back_into_pool,
-        feed_back_into_pool=args.feed_back_into_pool, progress=_stderr_progress, page_batch=args.page_batch,
+        feed_back_into_pool=args.feed_back_into_pool, progress=ProgressMeter(len(pages)), page_batch=args.page_batch,
     )
     for result in results:
         write_png(out / f"{result.name}.png", result.final)
@@ -220,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--posterior-mode", action="store_true", help="GSRP decodes the posterior mean, not a sample")
     run.add_argument("--download", action="store_true", help="download missing weights from Hugging Face")
     run.add_argument("--save-intermediates", metavar="DIR", help="write canvas, mask, icp, lowres, final, retrieval.json")
+    run.add_argument("--estimate", action="store_true", help="load the models, print the time estimate and stop")
     run.add_argument("pages", nargs="+", help="page images or folders")
     run.set_defaults(func=colorize)
 
@@ -249,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_evaluation(commands)  # evaluate, bench, make-chapter
     register_training(commands)  # prepare-training, train, bench-train
+    register_demo(commands)  # demo
     return parser
 
 
