@@ -59,7 +59,7 @@ def page_preprocessors(method: str, model: ColorFlowModel | None) -> Preprocesso
         return None
     if model is None:
         raise InvalidInputError(
-            f"preprocess '{method}' runs the preprocessing networks of the model's release: give the ColorFlow model"
+            f"preprocess '{method}' runs the preprocessing networks of the model's release: it needs the ColorFlow model (connect or pass it)"
         )
     return model.preprocessors
 
@@ -77,7 +77,7 @@ def prepare_canvas(
     size and preparation; `model` gives the preprocessing networks and the style's preparation when the options name
     none (a model is needed only then, or for the methods that run networks)."""
     if options.preprocess is None and model is None:
-        raise InvalidInputError("preprocess 'style default' follows the model's style: give the ColorFlow model")
+        raise InvalidInputError("preprocess 'style default' follows the model's style: it needs the ColorFlow model (connect or pass it)")
     method = options.preprocess or model.defaults.preprocess
     return _stitch(
         page, pool, page_size(options, page), method, page_preprocessors(method, model), options.seed,

@@ -7,6 +7,7 @@ from ..colorflow_core.errors import InvalidInputError
 from ..colorflow_core.imaging import PRESET_SIZES, check_query_size
 from ..colorflow_core.options import ColorizeOptions
 from ..colorflow_core.settings import memory_needed
+from ..colorflow_core.validation import check_finite
 from ..colorflow_core.styles import PREPROCESS_METHODS, STYLES
 from . import comfy_bridge
 
@@ -72,9 +73,9 @@ def device(choice: str) -> torch.device:
 
 def guidance_option(value: float) -> float | None:
     """The core's guidance option for a GUIDANCE value: 0 = None (resolved by the core), else the value."""
-    if value == 0:
+    if check_finite(value, "guidance scale") == 0:
         return None
-    if not value >= 1.0:
+    if value < 1.0:
         raise InvalidInputError(f"guidance {value} is not allowed: 0 (the default) or a scale from 1.0")
     return value
 

@@ -312,7 +312,7 @@ def test_api_bad_input(tiny_model, tmp_path, call, error, message):
 
 # ------------------------------------------------------------------------------------------------ nothing lost
 def test_make_tiny_rewrites_only_folders_it_wrote(tmp_path):
-    from colorflow_core.tiny import TINY_MARKER, claim_tiny_folder
+    from colorflow_core.tiny_common import TINY_MARKER, claim_tiny_folder
 
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     claim_tiny_folder(ours)

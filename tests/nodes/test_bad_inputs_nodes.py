@@ -143,7 +143,7 @@ NODE_CASES = [
     case("stitch-custom-size-not-multiple-of-32", lambda c: c.run("ColorFlowStitchCanvas", c.images(gray_page(1)), c.pool, "custom", 65, H, "gray"),
         "InvalidInputError", r"page size 65x96 is not a multiple of 32"),
     case("stitch-style-default-without-model", lambda c: c.run("ColorFlowStitchCanvas", c.images(gray_page(1)), c.pool, "custom", W, H, "style default"),
-        "InvalidInputError", r"connect the ColorFlow model"),
+        "InvalidInputError", r"the ColorFlow model"),
     case("sampler-guidance-nan", lambda c: _sample(c, guidance=math.nan),
         "InvalidInputError", r"guidance scale must be a finite number, got nan"),
     case("sampler-guider-scale-inf", lambda c: _sample(c, guider=math.inf),
