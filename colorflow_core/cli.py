@@ -173,6 +173,11 @@ def preprocess(args: argparse.Namespace) -> int:
 
 def make_tiny(args: argparse.Namespace) -> int:
     """Write tiny random weights in the release layout."""
+    if args.comfyui:
+        from .tiny_comfyui import write_comfyui_tree
+
+        print(json.dumps({name: str(path) for name, path in write_comfyui_tree(Path(args.folder), seed=args.seed).items()}))
+        return 0
     from .tiny import write_tiny_release
 
     release, base = write_tiny_release(Path(args.folder), seed=args.seed)
@@ -248,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny", help="write tiny random weights in the release layout")
     tiny.add_argument("folder", help="writes FOLDER/colorflow, FOLDER/sd15 and FOLDER/pixart")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--comfyui", action="store_true",
+        help="write FOLDER/models/ for a real ComfyUI server instead: a shallow SD1.5-width checkpoint, a ControlNet, "
+        "the release and the diffusers bases, under the names the shipped workflows use",
+    )
     tiny.set_defaults(func=make_tiny)
 
     from .evaluation.cli import register as register_evaluation  # evaluate, bench, make-chapter
