@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..colorflow_core.errors import InvalidInputError
 from ..colorflow_core.models.residual_sites import ResidualLayout, guider_residuals
 
 #: ComfyUI's cond_or_uncond code of the unconditional half.
@@ -59,8 +60,9 @@ class ColorFlowGuidance:
         strength: float = 1.0,
         sigma_range: tuple[float, float] | None = None,
     ):
-        """`guider_patcher.model` is the ColorGuiderSDModel; `condition` holds the [uncond, cond] rows of the
-        9-channel condition (ColorFlow encodes the canvas once per CFG half); `sigma_range` = (high, low) or None."""
+        """`guider_patcher.model` is the ColorGuiderSDModel; `condition` [2, pages, 9, h, w] holds the uncond and cond
+        rows of the 9-channel condition of every page (upstream encodes the canvas once per CFG half);
+        `sigma_range` = (high, low) or None."""
         self.guider_patcher = guider_patcher
         self.condition = condition
         self.layout = layout
@@ -88,9 +90,11 @@ class ColorFlowGuidance:
         """The condition row of every batch row of `x`: chunks follow `cond_or_uncond` (ComfyUI: 0 cond, 1 uncond)."""
         codes = cond_or_uncond or [0]
         if x.shape[0] % len(codes):
-            raise ValueError(f"batch of {x.shape[0]} does not split into {len(codes)} cond/uncond chunks")
-        per_chunk = x.shape[0] // len(codes)
-        rows = [self.condition[0 if code == UNCOND else 1][None].expand(per_chunk, -1, -1, -1) for code in codes]
+            raise InvalidInputError(f"batch of {x.shape[0]} does not split into {len(codes)} cond/uncond chunks")
+        per_chunk, pages = x.shape[0] // len(codes), self.condition.shape[1]
+        if per_chunk % pages:
+            raise InvalidInputError(f"a batch of {per_chunk} latents does not repeat the {pages} canvases of ColorFlow Apply")
+        rows = [self.condition[0 if code == UNCOND else 1].repeat(per_chunk // pages, 1, 1, 1) for code in codes]
         return torch.cat(rows).to(x.device)
 
     def file_residuals(self, unet, x, timesteps, context, cond_or_uncond) -> _CallResiduals:

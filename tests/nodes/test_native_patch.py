@@ -43,7 +43,8 @@ def _core(tiny_model, call, strength=1.0):
 def _patched(native, tiny_model, call, strength=1.0, sigma_range=None):
     guider = tiny_model.pipeline.guider
     patcher = StandInPatcher(LdmUNet(tiny_model.pipeline.unet))
-    guidance = native.ColorFlowGuidance(SimpleNamespace(model=guider), call.condition, guider_layout(guider), strength, sigma_range)
+    rows = call.condition[:, None]  # [uncond, cond] × one page
+    guidance = native.ColorFlowGuidance(SimpleNamespace(model=guider), rows, guider_layout(guider), strength, sigma_range)
     return native.patch_model(patcher, guidance), guidance
 
 
