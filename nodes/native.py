@@ -27,7 +27,8 @@ RELEASE_TOOLTIP = "ColorFlow release folder in models/colorflow/ (its GraySD/ ho
 class ColorFlowPatch:
     """COLORFLOW_PATCH: the GraySD guider as a ComfyUI-managed model, and where its residuals go."""
 
-    guider: object  # comfy.model_patcher.ModelPatcher around a ColorGuiderSDModel
+    guider: torch.nn.Module  # ColorGuiderSDModel
+    patcher: object  # the comfy.model_patcher.ModelPatcher that loads and offloads it
     layout: ResidualLayout
     folder: Path
 
@@ -56,8 +57,9 @@ class ColorFlowPatchLoader:
     def load(self, release: str):
         """Return the guider patch."""
         folder = _release(release)
-        guider = load_guider(folder, folder.parent)
-        return (ColorFlowPatch(native_bridge.managed(guider), guider_layout(guider), folder),)
+        patcher = native_bridge.managed(load_guider(folder, folder.parent))
+        guider = patcher.model.module
+        return (ColorFlowPatch(guider, patcher, guider_layout(guider), folder),)
 
 
 class ColorFlowLoRALoader:
@@ -90,7 +92,7 @@ class ColorFlowLoRALoader:
 
 
 def _check_guider_fits(patch: ColorFlowPatch, unet_config: dict) -> None:
-    config = patch.guider.model.config
+    config = patch.guider.config
     widths = [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
     layers = set(unet_config["num_res_blocks"])
     if list(config.block_out_channels) != widths or layers != {config.layers_per_block}:
@@ -159,7 +161,7 @@ class ColorFlowApply:
         condition = canvas_condition(model, vae, canvas, mask).to(comfy_bridge.intermediate_device())
         full_range = start_percent == 0.0 and end_percent == 1.0
         guidance = ColorFlowGuidance(
-            colorflow_patch.guider, condition, colorflow_patch.layout, strength,
+            colorflow_patch.guider, colorflow_patch.patcher, condition, colorflow_patch.layout, strength,
             None if full_range else native_bridge.sigma_range(model, start_percent, end_percent),
         )
         latent = torch.zeros(condition.shape[1], 4, *condition.shape[-2:], device=comfy_bridge.intermediate_device())

@@ -20,12 +20,20 @@ def _comfy():
     return comfy
 
 
+class Holder(torch.nn.Module):
+    """A plain container: ModelPatcher sets `.device` on its model, which a diffusers ModelMixin refuses."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
 def managed(module: torch.nn.Module):
-    """`module` in ComfyUI's UNet dtype on its offload device, as a ModelPatcher ComfyUI loads and unloads."""
+    """`module` in ComfyUI's UNet dtype on its offload device, in a ModelPatcher ComfyUI loads and unloads."""
     comfy = _comfy()
     mm = comfy.model_management
     module = module.to(mm.unet_offload_device(), mm.unet_dtype()).eval()
-    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(Holder(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 def sd15_unet_config(model) -> dict:

@@ -54,15 +54,17 @@ class ColorFlowGuidance:
 
     def __init__(
         self,
+        guider: torch.nn.Module,
         guider_patcher,
         condition: torch.Tensor,
         layout: ResidualLayout,
         strength: float = 1.0,
         sigma_range: tuple[float, float] | None = None,
     ):
-        """`guider_patcher.model` is the ColorGuiderSDModel; `condition` [2, pages, 9, h, w] holds the uncond and cond
+        """`guider` is the ColorGuiderSDModel that `guider_patcher` (its ComfyUI ModelPatcher) manages; `condition` [2, pages, 9, h, w] holds the uncond and cond
         rows of the 9-channel condition of every page (upstream encodes the canvas once per CFG half);
         `sigma_range` = (high, low) or None."""
+        self.guider = guider
         self.guider_patcher = guider_patcher
         self.condition = condition
         self.layout = layout
@@ -100,7 +102,7 @@ class ColorFlowGuidance:
     def file_residuals(self, unet, x, timesteps, context, cond_or_uncond) -> _CallResiduals:
         """Run the guider for this call and file each residual under the patch point that adds it."""
         residuals = guider_residuals(
-            self.guider_patcher.model, self.condition_rows(x, cond_or_uncond), x, timesteps, context, self.strength,
+            self.guider, self.condition_rows(x, cond_or_uncond), x, timesteps, context, self.strength,
         )
         filed = _CallResiduals()
         tensors = [*residuals.down, residuals.mid, *residuals.up]

@@ -44,7 +44,7 @@ def _patched(native, tiny_model, call, strength=1.0, sigma_range=None):
     guider = tiny_model.pipeline.guider
     patcher = StandInPatcher(LdmUNet(tiny_model.pipeline.unet))
     rows = call.condition[:, None]  # [uncond, cond] × one page
-    guidance = native.ColorFlowGuidance(SimpleNamespace(model=guider), rows, guider_layout(guider), strength, sigma_range)
+    guidance = native.ColorFlowGuidance(guider, SimpleNamespace(model=guider), rows, guider_layout(guider), strength, sigma_range)
     return native.patch_model(patcher, guidance), guidance
 
 
