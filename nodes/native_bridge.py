@@ -20,8 +20,9 @@ def _comfy():
     return comfy
 
 
-class Holder(torch.nn.Module):
-    """A plain container: ModelPatcher sets `.device` on its model, which a diffusers ModelMixin refuses."""
+class ColorFlowGuider(torch.nn.Module):
+    """The guider in a plain container (its class name is what ComfyUI logs; ModelPatcher sets `.device`, which a
+    diffusers ModelMixin refuses)."""
 
     def __init__(self, module: torch.nn.Module):
         super().__init__()
@@ -33,7 +34,7 @@ def managed(module: torch.nn.Module):
     comfy = _comfy()
     mm = comfy.model_management
     module = module.to(mm.unet_offload_device(), mm.unet_dtype()).eval()
-    return comfy.model_patcher.ModelPatcher(Holder(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(ColorFlowGuider(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 def sd15_unet_config(model) -> dict:
