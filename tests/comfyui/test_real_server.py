@@ -177,7 +177,7 @@ def test_core_lora_loader_drops_the_attention_tensors(server, comfy_models):
     """Why the workflow uses ColorFlow LoRA Loader: core LoraLoaderModelOnly maps only the feed-forward tensors."""
     loras = comfy_models / "loras"
     loras.mkdir(exist_ok=True)
-    link = loras / "colorflow_unet_lora.bin"
+    link = loras / f"colorflow-release-lora-{os.getpid()}.bin"  # a name no user file has
     link.symlink_to(comfy_models / "colorflow" / "ColorFlow" / "GraySD" / "unet_lora.bin")
     try:
         prompt = shipped_prompt(server, "colorflow_native_ksampler")
