@@ -6,7 +6,8 @@ colorflow_core.models.residual_sites):
 - input k "before_skip" → `input_block_patch` at ("input", k); input 0 "after_skip" → `input_block_patch_after_skip`;
 - middle → `output_block_patch` at ("output", 0) (the middle block's output is the `h` it receives);
 - output i "end" → `output_block_patch` at ("output", i + 1); the last output block has no later patch point, so an
-  object patch appends a parameter-free `ResidualSite` layer to it, run by a `forward_timestep_embed_patch`;
+  object patch appends a parameter-free `ResidualSite` layer to it, run by a `forward_timestep_embed_patch`
+  (one for every guidance stacked on the MODEL);
 - output i "before_upsample" → also at ("output", i + 1): the upsampler (nearest resize, then a convolution) is
   linear, so up(h + r) = up(h) + up(r) − up(0).
 Nothing here imports ComfyUI: it runs in CI against a stand-in of openaimodel's forward.
@@ -144,9 +145,14 @@ class ColorFlowGuidance:
             h = h + (_upsampled(*item, hsp) if isinstance(item, tuple) else item)
         return h, hsp
 
-    def end_site(self, layer, x, emb, context, transformer_options, *args, **kwargs) -> torch.Tensor:
-        filed = transformer_options.get(self.key)
-        return x if filed is None or filed.end is None else x + filed.end
+
+
+def add_end_residuals(layer, x, emb, context, transformer_options, *args, **kwargs) -> torch.Tensor:
+    """The `forward_timestep_embed_patch` of the ResidualSite layer: every active guidance's last up residual."""
+    for filed in transformer_options.values():
+        if isinstance(filed, _CallResiduals) and filed.end is not None:
+            x = x + filed.end
+    return x
 
 
 class BlockPatch:
@@ -172,9 +178,9 @@ def patch_model(model, guidance: ColorFlowGuidance, wrapper_type: str = "diffusi
     model.set_model_input_block_patch(BlockPatch(guidance, "input_block"))
     model.set_model_input_block_patch_after_skip(BlockPatch(guidance, "input_block_after_skip"))
     model.set_model_output_block_patch(BlockPatch(guidance, "output_block"))
-    model.set_model_forward_timestep_embed_patch((ResidualSite, guidance.end_site))
     name = f"diffusion_model.output_blocks.{guidance.last_block}"
     block = model.get_model_object(name)
-    if not any(isinstance(layer, ResidualSite) for layer in block):
+    if not any(isinstance(layer, ResidualSite) for layer in block):  # one site and handler serve every guidance
+        model.set_model_forward_timestep_embed_patch((ResidualSite, add_end_residuals))
         model.add_object_patch(name, type(block)(*block, ResidualSite()))
     return model

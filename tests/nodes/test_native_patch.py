@@ -110,3 +110,20 @@ def test_a_latent_of_another_size_is_refused(tiny_model, call):
     guider = tiny_model.pipeline.guider
     with pytest.raises(Exception, match="sample the LATENT of the canvas size"):
         guider_residuals(guider, call.condition, call.x[..., :8], call.t)
+
+
+def test_two_guidances_stack(native, tiny_model, call):
+    """Two ColorFlow Apply on one MODEL add both residual sets (the last site's handler serves both)."""
+    pipe = tiny_model.pipeline
+    patcher, _ = _patched(native, tiny_model, call)
+    other = call.condition.flip(-1)
+    native.patch_model(patcher, native.ColorFlowGuidance(pipe.guider, SimpleNamespace(model=pipe.guider), other[:, None], guider_layout(pipe.guider), 0.5))
+    assert len(patcher.transformer_options["patches"]["forward_timestep_embed_patch"]) == 1
+    first = pipe.guider(call.x, call.t, call.condition)
+    second = pipe.guider(call.x, call.t, other, conditioning_scale=0.5)
+    both = type(first)([a + b for a, b in zip(first.down, second.down)], first.mid + second.mid, [a + b for a, b in zip(first.up, second.up)])
+    with torch.no_grad(), inject_guider_residuals(pipe.unet, both):
+        expected = pipe.unet(call.x, call.t, encoder_hidden_states=call.context).sample
+    with torch.no_grad():
+        got = patcher.apply_model(call.x, call.t, call.context, [1, 0])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
