@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,6 @@ def test_cancel_between_steps(server):
     for _ in range(600):
         if re.search(r"\n\s*\d+%\|.*\| [1-9]\d*/400", server.log()):  # KSampler's progress bar has moved
             break
-        import time
-
         time.sleep(0.5)
     server.request("/interrupt", {})
     entry = server.wait(prompt_id)

@@ -29,11 +29,9 @@ def main(checkout: str, models: str) -> None:
     pack = load_pack()
     native = importlib.import_module(f"{pack.__name__}.nodes.native")
     bridge = importlib.import_module(f"{pack.__name__}.nodes.native_bridge")
-    core = importlib.import_module(f"{pack.__name__}.colorflow_core")
     loading = importlib.import_module(f"{pack.__name__}.colorflow_core.loading")
     sites = importlib.import_module(f"{pack.__name__}.colorflow_core.models.residual_sites")
     injection = importlib.import_module(f"{pack.__name__}.colorflow_core.models.unet_injection")
-    del core
 
     models = Path(models)
     release = models / "colorflow" / "ColorFlow"
