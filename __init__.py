@@ -4,6 +4,9 @@ Importing the pack registers `models/colorflow` with ComfyUI; it loads no model,
 """
 from .nodes import comfy_bridge
 from .nodes.loaders import ColorFlowEncoderFromCLIPVision, ColorFlowEncoderLoader, ColorFlowModelLoader
+from .nodes.native import (
+    ColorFlowApply, ColorFlowCropPage, ColorFlowGuidedUpscaleVAE, ColorFlowLoRALoader, ColorFlowPatchLoader,
+)
 from .nodes.preprocessing import ColorFlowLineExtract, ColorFlowScreenStyle, ColorFlowSketchShading
 from .nodes.retrieval import ColorFlowLoadPages, ColorFlowReferencePool, ColorFlowStitchCanvas
 from .nodes.sampling import ColorFlowColorizeSequence, ColorFlowGuidedUpscale, ColorFlowSampler
@@ -23,6 +26,11 @@ NODE_CLASS_MAPPINGS = {
     "ColorFlowScreenStyle": ColorFlowScreenStyle,
     "ColorFlowLineExtract": ColorFlowLineExtract,
     "ColorFlowSketchShading": ColorFlowSketchShading,
+    "ColorFlowPatchLoader": ColorFlowPatchLoader,
+    "ColorFlowLoRALoader": ColorFlowLoRALoader,
+    "ColorFlowApply": ColorFlowApply,
+    "ColorFlowCropPage": ColorFlowCropPage,
+    "ColorFlowGuidedUpscaleVAE": ColorFlowGuidedUpscaleVAE,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -38,6 +46,11 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ColorFlowScreenStyle": "ColorFlow Screen Style",
     "ColorFlowLineExtract": "ColorFlow Line Extract",
     "ColorFlowSketchShading": "ColorFlow Sketch Shading",
+    "ColorFlowPatchLoader": "ColorFlow Patch Loader",
+    "ColorFlowLoRALoader": "ColorFlow LoRA Loader (model only)",
+    "ColorFlowApply": "ColorFlow Apply",
+    "ColorFlowCropPage": "ColorFlow Crop Page",
+    "ColorFlowGuidedUpscaleVAE": "ColorFlow Guided Upscale (VAE)",
 }
 
 WEB_DIRECTORY = "./web"

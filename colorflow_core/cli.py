@@ -23,6 +23,7 @@ from .sequence import colorize_pages
 from .styles import PREPROCESS_METHODS, STYLE_NAMES, get_style
 from .timing import ProgressMeter, announce_estimate
 from .tiny import write_tiny_release
+from .tiny_comfyui import write_comfyui_tree
 from .validation import check_writable_folder
 from .weights import COLORFLOW_REPO, SD15_REPO, resolve_snapshot
 
@@ -167,6 +168,9 @@ def preprocess(args: argparse.Namespace) -> int:
 
 def make_tiny(args: argparse.Namespace) -> int:
     """Write tiny random weights in the release layout."""
+    if args.comfyui:
+        print(json.dumps({name: str(path) for name, path in write_comfyui_tree(Path(args.folder), seed=args.seed).items()}))
+        return 0
     release, base = write_tiny_release(Path(args.folder), seed=args.seed)
     print(json.dumps({"colorflow": str(release), "base": str(base), "pixart": str(Path(args.folder) / "pixart")}))
     return 0
@@ -244,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny", help="write tiny random weights in the release layout")
     tiny.add_argument("folder", help="writes FOLDER/colorflow, FOLDER/sd15 and FOLDER/pixart")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--comfyui", action="store_true",
+        help="write FOLDER/models/ for a real ComfyUI server instead: a shallow SD1.5-width checkpoint, a ControlNet, "
+        "the release and the diffusers bases, under the names the shipped workflows use",
+    )
     tiny.set_defaults(func=make_tiny)
 
     register_evaluation(commands)  # evaluate, bench, make-chapter

@@ -297,3 +297,10 @@ def load_sd15_single_file(path: Path, config_dir: Path | None = None) -> dict:
         tokenizer=tokenizer,
         scheduler=UniPCMultistepScheduler.from_config(scheduler_config),
     )
+
+
+def sd15_vae_from_ldm(state: dict[str, torch.Tensor], source: str = "the VAE", config_dir: Path | None = None) -> AutoencoderKL:
+    """A diffusers SD1.5 VAE sharing the tensors of an original-layout (`first_stage_model.*`) state dict, e.g. the
+    weights of a VAE another program already holds."""
+    config = _read_json((Path(config_dir) if config_dir is not None else SD15_CONFIGS) / "vae" / "config.json")
+    return _vae(Path(source), list(state), state.__getitem__, config)

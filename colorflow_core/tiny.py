@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -78,6 +79,14 @@ def tiny_guider() -> ColorGuiderSDModel:
     return guider
 
 
+def randomize_guider_outputs_(guider: ColorGuiderSDModel, scale: float, generator: torch.Generator) -> None:
+    """Non-zero zero-convs and condition input (a fresh guider's residuals would all be zero)."""
+    with torch.no_grad():
+        for name, param in guider.named_parameters():
+            if name.startswith("brushnet_") or name.startswith("conv_in_condition"):
+                randomize_(param, scale, generator)
+
+
 def lora_state_dict(unet: UNet2DConditionModel, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Random non-zero LoRA tensors named as upstream's peft-adapted UNet names them."""
     unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(SD_LORA_TARGETS)))
@@ -86,6 +95,22 @@ def lora_state_dict(unet: UNet2DConditionModel, generator: torch.Generator) -> d
     for tensor in tensors.values():
         randomize_(tensor, 0.05, generator)
     return tensors
+
+
+def write_diffusers_base(base: Path, unet, vae, text_encoder, write_tokenizer_files: Callable[[Path], object]) -> None:
+    """`base` as an SD1.5 diffusers folder: the three models, a tokenizer, SD1.5's scheduler config, model_index.json."""
+    unet.save_pretrained(base / "unet")
+    vae.save_pretrained(base / "vae")
+    text_encoder.save_pretrained(base / "text_encoder")
+    write_tokenizer_files(base / "tokenizer")
+    (base / "scheduler").mkdir(parents=True)
+    shutil.copy(CONFIGS / "sd15_scheduler_config.json", base / "scheduler" / "scheduler_config.json")
+    (base / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
+    }, indent=2))
 
 
 def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -103,32 +128,18 @@ def write_tiny_release(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     generator = torch.Generator().manual_seed(seed)
 
     unet = tiny_unet()
-    unet.save_pretrained(base / "unet")
     vae = tiny_vae()
     with torch.no_grad():
         vae.quant_conv.bias[4:] -= 2.0  # smaller posterior std, like the real VAE
-    vae.save_pretrained(base / "vae")
     text = CLIPTextConfig(
         vocab_size=514, hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, projection_dim=TEXT_DIM, bos_token_id=512, eos_token_id=513, pad_token_id=513,
     )
-    CLIPTextModel(text).save_pretrained(base / "text_encoder")
-    write_tokenizer(base / "tokenizer")
-    (base / "scheduler").mkdir()
-    shutil.copy(CONFIGS / "sd15_scheduler_config.json", base / "scheduler" / "scheduler_config.json")
-    (base / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline",
-        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
-    }, indent=2))
+    write_diffusers_base(base, unet, vae, CLIPTextModel(text), write_tokenizer)
 
     gray = release / "GraySD"
     guider = tiny_guider()
-    with torch.no_grad():
-        for name, param in guider.named_parameters():
-            if name.startswith("brushnet_") or name.startswith("conv_in_condition"):
-                randomize_(param, 0.1, generator)
+    randomize_guider_outputs_(guider, 0.1, generator)
     guider.save_pretrained(gray)
     torch.save(lora_state_dict(unet, generator), gray / "unet_lora.bin")
     write_tiny_fusion(gray, VAE_BLOCKS, generator)

@@ -1,4 +1,4 @@
-"""The only module that imports ComfyUI (`comfy`, `folder_paths`), with plain fallbacks when it is absent.
+"""With native_bridge, the only module that imports ComfyUI (`comfy`, `folder_paths`), with plain fallbacks when it is absent.
 
 Without ComfyUI (tests, standalone use) the input/, output/, user/ and models/ folders live under
 `$COLORFLOW_COMFY_BASE`, else the working directory; progress and interrupt checks do nothing.

@@ -21,7 +21,7 @@ from colorflow_core.errors import IncompatibleWeightsError, MissingWeightsError
 from colorflow_core.loading import load_colorflow
 from colorflow_core.single_file import SD15_CONFIGS, load_clip_tokenizer, load_sd15_single_file
 
-from .ldm_layout import sd_to_ldm, unet_to_ldm, vae_to_ldm
+from colorflow_core.ldm_layout import sd_to_ldm, unet_to_ldm, vae_to_ldm
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from ..pack import ROOT
 INTERFACE = json.loads((Path(__file__).parent / "node_interface.json").read_text())
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 #: ComfyUI's own socket types; anything else must be one of ours.
-CORE_TYPES = {"IMAGE", "MASK", "CLIP_VISION", "INT", "FLOAT", "STRING", "BOOLEAN"}
-OUR_TYPES = {"COLORFLOW_MODEL", "COLORFLOW_ENCODER", "COLORFLOW_POOL", "COLORFLOW_SAMPLE"}
+CORE_TYPES = {"IMAGE", "MASK", "CLIP_VISION", "MODEL", "VAE", "LATENT", "INT", "FLOAT", "STRING", "BOOLEAN"}
+OUR_TYPES = {"COLORFLOW_MODEL", "COLORFLOW_ENCODER", "COLORFLOW_POOL", "COLORFLOW_SAMPLE", "COLORFLOW_PATCH"}
 
 
 def input_specs(node_class) -> dict[str, tuple]:

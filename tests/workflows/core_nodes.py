@@ -88,4 +88,23 @@ def core_nodes(input_dir: Path, clip_vision_factory: Callable[[str], object], sa
         "ImageScale": _define("ImageScale", image_scale),
         "ImageBatch": _define("ImageBatch", image_batch),
         "MaskToImage": _define("MaskToImage", mask_to_image),
+        **{node_id: _define(node_id, _needs_comfyui(node_id), MODEL_FILES.get(node_id)) for node_id in DEFINITION_ONLY},
     }
+
+
+#: Core nodes of the native workflows: their real definitions validate those graphs; they run on a real server only
+#: (tests/comfyui).
+DEFINITION_ONLY = ("CheckpointLoaderSimple", "CLIPTextEncode", "KSampler", "VAEDecode", "ControlNetLoader", "ControlNetApplyAdvanced")
+
+#: The model files those nodes list in the stand-in models/ folders (the names `make-tiny --comfyui` writes).
+MODEL_FILES = {
+    "CheckpointLoaderSimple": {"ckpt_name": lambda: ["v1-5-pruned-emaonly.safetensors"]},
+    "ControlNetLoader": {"control_net_name": lambda: ["control_v11p_sd15_lineart.safetensors"]},
+}
+
+
+def _needs_comfyui(node_id: str) -> Callable:
+    def run(self, **_):
+        raise NotImplementedError(f"{node_id} runs only in a real ComfyUI (tests/comfyui, COLORFLOW_COMFYUI)")
+
+    return run

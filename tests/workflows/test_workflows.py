@@ -12,7 +12,7 @@ from PIL import Image
 from ..nodes.clip_stub import StubClipVision
 from ..nodes.conftest import BASE, PIXART, SIZE
 from ..pack import ROOT
-from .core_nodes import CORE_DEFINITIONS, SNAPSHOT, core_nodes
+from .core_nodes import CORE_DEFINITIONS, DEFINITION_ONLY, SNAPSHOT, core_nodes
 from .executor import (
     FRONTEND_ONLY,
     WorkflowError,
@@ -22,6 +22,7 @@ from .executor import (
     validate_prompt,
     widget_layout,
 )
+from .layout import overlaps
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -33,6 +34,8 @@ FILE_COMBOS = {
     ("ColorFlowModelLoader", "snapshot"), ("ColorFlowModelLoader", "base"), ("ColorFlowModelLoader", "pixart_base"),
     ("ColorFlowEncoderLoader", "encoder"), ("ColorFlowScreenStyle", "release"), ("ColorFlowLineExtract", "line_extractor"),
     ("ColorFlowSketchShading", "line_extractor"),
+    ("CheckpointLoaderSimple", "ckpt_name"), ("ControlNetLoader", "control_net_name"), ("ColorFlowPatchLoader", "release"),
+    ("ColorFlowLoRALoader", "release"),
 }
 #: Nodes whose saved workflow entry lists the files they need (the frontend offers to download missing ones).
 MODEL_NODES = {"ColorFlowModelLoader", "CLIPVisionLoader", "ColorFlowScreenStyle", "ColorFlowLineExtract", "ColorFlowSketchShading"}
@@ -61,6 +64,9 @@ EXPECTED = {
     "colorflow_with_core_nodes": {"SaveImage": [(2, *FINAL)]},
     "colorflow_preprocessors": {"SaveImage": [], "PreviewImage": [PAGE] * 4},
     "colorflow_sketch": {"SaveImage": [(1, *FINAL)], "PreviewImage": sorted([CANVAS, CANVAS, GRID, (1, *FINAL)])},
+    # Core KSampler & co. run only in a real ComfyUI: tests/comfyui runs these (COLORFLOW_COMFYUI).
+    "colorflow_native_ksampler": None,
+    "colorflow_native_controlnet": None,
 }
 
 
@@ -100,6 +106,12 @@ def test_workflow_matches_the_node_definitions(path, classes):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_no_node_covers_another(path, classes):
+    """As the frontend draws them (title bars, nodes grown to fit their widgets), no two nodes overlap."""
+    assert overlaps(load(path), classes) == []
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_metadata(path):
     workflow = load(path)
     for node in workflow["nodes"]:
@@ -128,6 +140,11 @@ def tiny_prompt(workflow: dict, classes: dict) -> dict:
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs_on_tiny_weights(path, classes, saved, user_dir):
+    if EXPECTED[path.stem] is None:
+        workflow = load(path)
+        assert {n["type"] for n in workflow["nodes"]} & set(DEFINITION_ONLY)
+        validate_prompt(tiny_prompt(workflow, classes), classes)
+        pytest.skip("core KSampler/VAE nodes: run on a real server by tests/comfyui (set COLORFLOW_COMFYUI)")
     execute(tiny_prompt(load(path), classes), classes)
     received: dict[str, list] = {}
     for node_class, images in saved:

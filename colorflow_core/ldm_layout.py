@@ -1,7 +1,8 @@
-"""Test helper: write diffusers SD models back in the original LDM/CompVis single-file key layout.
+"""Write diffusers SD models back in the original LDM/CompVis single-file key layout.
 
 diffusers only ships the LDM→diffusers direction; this is its inverse for SD1.5-shaped models (the tests check the
-round trip through diffusers' own converters), so tiny single-file checkpoints can be made without the 4 GB file.
+round trip through diffusers' own converters), so tiny single-file checkpoints (and ComfyUI's `models/` tree of
+`make-tiny --comfyui`) can be made without the 4 GB file.
 """
 from __future__ import annotations
 
@@ -23,35 +24,59 @@ def _resnet(rest: str) -> str:
     raise KeyError(rest)
 
 
+def _unet_name(key: str, state: dict[str, torch.Tensor], layers_per_block: int) -> str:
+    """The LDM name (input/middle/output_blocks numbering) of one diffusers UNet key."""
+    per = layers_per_block + 1
+    module, _, leaf = key.rpartition(".")
+    if module in _UNET_FIXED:
+        return f"{_UNET_FIXED[module]}.{leaf}"
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = 1 + block * per + layer
+        return f"input_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{1 + int(m[1]) * per + layers_per_block}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        kind, layer, rest = m[1], int(m[2]), m[3]
+        return f"middle_block.{2 * layer}.{_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = block * per + layer
+        return f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        block = int(m[1])
+        has_attention = any(k.startswith(f"up_blocks.{block}.attentions.") for k in state)
+        return f"output_blocks.{block * per + layers_per_block}.{2 if has_attention else 1}.conv.{m[2]}"
+    raise KeyError(f"no LDM name for UNet key {key}")
+
+
 def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int, num_blocks: int) -> dict[str, torch.Tensor]:
     """diffusers UNet2DConditionModel keys → `model.diffusion_model.*` (input/middle/output_blocks)."""
     per = layers_per_block + 1
+    out = {"model.diffusion_model." + _unet_name(key, state, layers_per_block): tensor for key, tensor in state.items()}
+    assert num_blocks * per == sum(1 for k in out if re.search(r"output_blocks\.\d+\.0\.in_layers\.0\.weight$", k))
+    return out
+
+
+def controlnet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """diffusers ControlNetModel keys → the original `control_model.*` layout (input_hint_block, zero_convs,
+    middle_block_out), the one ComfyUI's ControlNet loader detects for any UNet width."""
     out = {}
     for key, tensor in state.items():
         module, _, leaf = key.rpartition(".")
-        if module in _UNET_FIXED:
-            name = f"{_UNET_FIXED[module]}.{leaf}"
-        elif m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-            index = 1 + block * per + layer
-            name = f"input_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
-        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            name = f"input_blocks.{1 + int(m[1]) * per + layers_per_block}.0.op.{m[2]}"
-        elif m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            kind, layer, rest = m[1], int(m[2]), m[3]
-            name = f"middle_block.{2 * layer}.{_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
-        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-            index = block * per + layer
-            name = f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
-        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-            block = int(m[1])
-            has_attention = any(k.startswith(f"up_blocks.{block}.attentions.") for k in state)
-            name = f"output_blocks.{block * per + layers_per_block}.{2 if has_attention else 1}.conv.{m[2]}"
+        if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)", module):
+            name = f"zero_convs.{m[1]}.0.{leaf}"
+        elif module == "controlnet_mid_block":
+            name = f"middle_block_out.0.{leaf}"
+        elif module == "controlnet_cond_embedding.conv_in":
+            name = f"input_hint_block.0.{leaf}"
+        elif m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)", module):
+            name = f"input_hint_block.{2 + 2 * int(m[1])}.{leaf}"
+        elif module == "controlnet_cond_embedding.conv_out":
+            name = f"input_hint_block.{2 + 2 * sum(k.endswith('.weight') and '.blocks.' in k for k in state)}.{leaf}"
         else:
-            raise KeyError(f"no LDM name for UNet key {key}")
-        out["model.diffusion_model." + name] = tensor
-    assert num_blocks * per == sum(1 for k in out if re.search(r"output_blocks\.\d+\.0\.in_layers\.0\.weight$", k))
+            name = _unet_name(key, state, layers_per_block)
+        out["control_model." + name] = tensor.contiguous()
     return out
 
 
