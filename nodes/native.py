@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from ..colorflow_core.canvas import split_canvas
 from ..colorflow_core.errors import InvalidInputError
-from ..colorflow_core.loading import STYLE_FOLDERS, load_fusion, load_guider
+from ..colorflow_core.loading import load_fusion, load_guider
+from ..colorflow_core.styles import STYLES
 from ..colorflow_core.models.residual_sites import ResidualLayout, guider_layout
 from ..colorflow_core.options import gsrp_generator
 from ..colorflow_core.pipelines.guided_sr import GuidedSuperResolver
@@ -19,7 +20,7 @@ from . import comfy_bridge, inputs, model_choices, native_bridge
 from .native_patch import ColorFlowGuidance, patch_model
 from .tensors import images_to_pil, pair_batches, pil_to_images
 
-GUIDER_FOLDER = STYLE_FOLDERS["gray"]
+GUIDER_FOLDER = STYLES["gray"].folder
 RELEASE_TOOLTIP = "ColorFlow release folder in models/colorflow/ (its GraySD/ holds the guider, LoRA and fusion net)."
 
 
