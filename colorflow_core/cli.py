@@ -98,9 +98,10 @@ def style_settings(style: str, preprocess: str | None, guidance: float | None) -
 
 def colorize(args: argparse.Namespace) -> int:
     """Run the whole pipeline over the given pages; write `<out>/<page stem>.png`."""
-    from .loading import load_colorflow
+    from .loading import load_colorflow, resolve_device
     from .options import ColorizeOptions
     from .presets import get_preset
+    from .runtime import default_dtype
     from .retrieval import ReferencePool
     from .retrieval.store import write_png
     from .sequence import colorize_pages
@@ -117,9 +118,11 @@ def colorize(args: argparse.Namespace) -> int:
         guider_scale=args.guider_scale, preprocess=preprocess, sample_posterior=not args.posterior_mode,
         screen_deterministic=args.screen_deterministic,
     )
-    print(f"loading models (preset {preset.name})…", file=sys.stderr, flush=True)
+    device = resolve_device(args.device)
+    dtype = args.dtype or str(default_dtype(device, preset)).removeprefix("torch.")
+    print(f"loading models (preset {preset.name}, {dtype} on {device})…", file=sys.stderr, flush=True)
     model = load_colorflow(
-        args.colorflow, args.base, style=args.style, device=args.device, dtype=args.dtype, allow_download=args.download,
+        args.colorflow, args.base, style=args.style, device=device, dtype=dtype, allow_download=args.download,
         preset=preset,
     )
     if args.compile:
@@ -206,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--guider-scale", type=float, default=1.0, help="strength of the colour guider residuals")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                     help="weight dtype (default float32; half precision on a GPU for --preset fast/low-vram/auto)")
+                     help="weight dtype (default: float16 on CUDA, as upstream; float32 on the CPU)")
     run.add_argument("--preset", default="faithful", choices=list(PRESET_NAMES),
                      help="faithful: upstream numerics (default); fast: no CFG, LoRA merged, bf16, each canvas half "
                           "encoded once; low-vram: one model on the GPU at a time, half precision, tiled decode; "

@@ -330,10 +330,22 @@ class PipelineBench:
     #: "tiny" (random test weights), "random-sd15" (random weights at the real SD1.5 widths, built in memory) or
     #: "release" (`colorflow` + `base`).
     weights: str = "tiny"
+    #: torch.compile the guider/UNet blocks after loading (`runtime.compile_models`); the first page pays for it.
+    compile: bool = False
 
 
 def load_model(config: PipelineBench, workdir: Path):
-    """(model, description of the weights, load seconds); tiny random weights written to `workdir` by default."""
+    """(model, description of the weights, load seconds); tiny random weights written to `workdir` by default.
+    With `config.compile` the denoiser blocks are compiled (lazily: the first page pays)."""
+    model, weights, load_s = _load_model(config, workdir)
+    if config.compile:
+        from ..runtime import compile_models
+
+        compile_models(model.run_modules()["denoiser"])
+    return model, weights, load_s
+
+
+def _load_model(config: PipelineBench, workdir: Path):
     from ..loading import load_colorflow, place_modules, resolve_dtype
     from ..tiny import write_tiny_release
 
@@ -443,12 +455,13 @@ def run_pipeline_bench(
         model, weights, load_s = loaded if loaded is not None else load_model(config, workdir)
         references, page, options = _inputs(config)
         recorder = Recorder(model.device)
-        last = None
+        last, first_s = None, time.perf_counter()
         for index in range(config.warmup + config.repeats):
             last = measure_page(model, references, page, options, recorder, record=index >= config.warmup)
+            first_s = time.perf_counter() - first_s if index == 0 else first_s
         if keep is not None:
             keep.append(last)
-        return summarize_pipeline(config, model, recorder, last, weights, load_s)
+        return {**summarize_pipeline(config, model, recorder, last, weights, load_s), "first_page_s": first_s}
 
 
 def summarize_pipeline(config: PipelineBench, model: Any, recorder: Recorder, last: Any, weights: str, load_s: float) -> dict:
@@ -494,6 +507,27 @@ def summarize_pipeline(config: PipelineBench, model: Any, recorder: Recorder, la
             "guider_forward/unet_forward (transformer_forward for PixArt styles) are summed over all steps of a run",
             "after_retrieval = icp - text_encode + gsrp (VAE encode, denoising, decode, GSRP, and any weight staging)",
         ],
+    }
+
+
+def gpu_figures(config: PipelineBench, model: Any, measured: dict) -> dict:
+    """Achieved TFLOP/s per stage against the FLOP model, and the SDPA kernel of the top-level self-attention."""
+    from .. import runtime
+    from ..attention import top_level_backend
+    from .roofline import page_roofline
+
+    if denoiser_attr(model.pipeline) != "unet":
+        return {}
+    preset = model.preset
+    cfg = preset.guidance(config.guidance) > 1.0 if not preset.is_auto else config.guidance > 1.0
+    unet = model.pipeline.unet
+    dtype = unet.dtype if model.plan is None or preset.is_auto else runtime.Run(model.plan, preset).dtype_for("denoiser", unet)
+    real_widths = config.weights != "tiny"  # the FLOP model counts the SD1.5 networks, not the test ones
+    return {
+        "roofline": page_roofline(config.width, config.height, cfg, preset.encode_once, measured["stages"],
+                                  measured["steps"]["median_step_s"]) if real_widths else {},
+        "attention": top_level_backend(model.device, dtype, tokens=config.width * config.height // 16,
+                                       batch=2 if cfg else 1),
     }
 
 
@@ -589,6 +623,8 @@ def _preset_entry(config: PipelineBench, spec: str, view: Any, measured: dict) -
         "steps": {k: measured["steps"][k] for k in ("median_step_s", "min_step_s", "median_forwards_in_step_s")},
         "page_peak_mb": measured["stages"]["page"]["peak_mb"],
         "page_growth_mb": measured["stages"]["page"]["growth_mb"],
+        "first_page_s": measured.get("first_page_s"),
+        **gpu_figures(config, view, measured),
     }
     if preset.is_auto and view.plan is not None:
         entry["picked"] = memory.choose_preset(view.plan, (config.width, config.height), config.guidance).name
@@ -647,14 +683,18 @@ def run_preset_bench(
         views = {spec: _preset_view(model, parse_preset_spec(spec)) for spec in order}
         recorders = {spec: Recorder(model.device) for spec in order}
         last: dict = {}
+        first: dict = {}
         for round_index in range(config.warmup + config.repeats):
             for spec in order:
                 with _offloaded(model, views[spec]):
                     release_memory()
+                    start = time.perf_counter()
                     last[spec] = measure_page(views[spec], references, page, options, recorders[spec],
                                               record=round_index >= config.warmup)
+                    first.setdefault(spec, time.perf_counter() - start)
         for spec in order:
             measured = summarize_pipeline(config, views[spec], recorders[spec], last[spec], weights, load_s)
+            measured["first_page_s"] = first[spec]
             runs[spec] = _preset_entry(config, spec, views[spec], measured)
             finals[spec] = last[spec].final
     base = runs[reference]["after_retrieval"]["median_s"]
@@ -884,9 +924,29 @@ def format_presets(block: dict) -> list[str]:
         value = block["presets"][spec]["psnr_vs_faithful_db"]
         row += f"{('identical' if value is None else f'{value:.2f} dB'):>24}{'':>10}"
     lines.append(row)
+    lines.extend(format_gpu_figures(block))
     picked = {s: e["picked"] for s, e in block["presets"].items() if e.get("picked")}
     if picked:
         lines.append("auto picked: " + ", ".join(f"{s} → {p}" for s, p in picked.items()))
+    return lines
+
+
+def format_gpu_figures(block: dict) -> list[str]:
+    """Per preset: the first page (compilation, autotuning) against the median, the attention kernel, the stages
+    against the FLOP model."""
+    from .roofline import format_rows
+
+    lines = []
+    for spec in block["order"]:
+        entry = block["presets"][spec]
+        page = entry["stages"]["page"]["median_s"]
+        first = entry.get("first_page_s")
+        line = f"{spec}: top-level attention {entry.get('attention', '?')}"
+        if first is not None:
+            line += f"; first page {first:.2f} s vs median {page:.2f} s (compile/warm-up {first - page:+.2f} s)"
+        lines.append(line)
+        if entry.get("roofline"):
+            lines.extend(format_rows(spec, entry["roofline"]))
     return lines
 
 

@@ -76,11 +76,19 @@ def bench(args: argparse.Namespace) -> int:
         from .. import loading
 
         args.guidance = getattr(loading, "STYLE_GUIDANCE", {}).get(args.style, 7.5)
+    if args.dtype is None:
+        import torch
+
+        from ..presets import FAITHFUL
+        from ..runtime import default_dtype
+
+        args.dtype = str(default_dtype(torch.device(args.device), FAITHFUL)).removeprefix("torch.")
     config = B.PipelineBench(
         width=args.width, height=args.height, style=args.style, input_style=args.input_style, preprocess=args.preprocess,
         dtype=args.dtype, device=args.device, steps=args.steps, guidance=args.guidance, guider_scale=args.guider_scale,
         repeats=args.repeats, warmup=args.warmup, references=args.references, seed=args.seed,
         colorflow=args.colorflow, base=args.base, weights="release" if args.colorflow else args.weights,
+        compile=args.compile,
     )
     if bool(args.colorflow) != bool(args.base):
         raise InvalidInputError("--colorflow and --base go together (leave both out for tiny random weights)")
@@ -166,7 +174,8 @@ def register(commands) -> None:
     be.add_argument("--input-style", default="screentone", choices=["screentone", "lineart", "lineart_shading"],
                     help="synthetic B/W page style")
     be.add_argument("--preprocess", default="gray", help="page preprocessing (default gray: needs no extra weights)")
-    be.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    be.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="weight dtype (default: the library's, float16 on CUDA and float32 on the CPU)")
     be.add_argument("--device", default="cpu")
     be.add_argument("--steps", type=int, default=4)
     be.add_argument("--guidance", type=float, help="CFG scale (default: the style's upstream value)")
@@ -182,6 +191,8 @@ def register(commands) -> None:
     be.add_argument("--presets", nargs="+", metavar="PRESET",
                     help="run these presets side by side on the same page (faithful, fast, low-vram, auto; fields "
                          "can be changed: fast:compute_dtype=float32); reports time, peak memory and PSNR vs faithful")
+    be.add_argument("--compile", action="store_true",
+                    help="torch.compile the guider/UNet blocks; the first page's extra time is the compile cost")
     be.add_argument("--isolate", action="store_true",
                     help="with --presets: each preset in its own fresh process (CPU RSS peaks become comparable; "
                          "the model is loaded once per preset)")
