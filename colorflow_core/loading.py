@@ -262,11 +262,14 @@ def load_base_components(base: Path, config_dir: Path | None = None) -> dict:
 
 
 def place_modules(modules: Sequence[object], device: torch.device, dtype: torch.dtype) -> None:
-    """Move the `nn.Module`s among `modules` to `device`, cast to `dtype` (loaded weights are float32)."""
+    """Move the `nn.Module`s among `modules` to `device`, cast to `dtype` (loaded weights are float32); on CUDA conv
+    weights become channels_last, cuDNN's native layout (NCHW convs transpose their input and output every call)."""
+    layout = {"memory_format": torch.channels_last} if torch.device(device).type == "cuda" else {}
     for module in modules:
         if isinstance(module, torch.nn.Module):
             # No dtype argument for float32: diffusers warns on any dtype cast, even a no-op one.
-            module.to(device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
+            cast = {} if dtype == torch.float32 else {"dtype": dtype}
+            module.to(device=device, **cast, **layout)
 
 
 def load_colorflow(

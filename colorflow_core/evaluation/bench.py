@@ -513,7 +513,7 @@ def summarize_pipeline(config: PipelineBench, model: Any, recorder: Recorder, la
 def gpu_figures(config: PipelineBench, model: Any, measured: dict) -> dict:
     """Achieved TFLOP/s per stage against the FLOP model, and the SDPA kernel of the top-level self-attention."""
     from .. import runtime
-    from ..attention import top_level_backend
+    from ..gpu_kernels import top_level_backend
     from .roofline import page_roofline
 
     if denoiser_attr(model.pipeline) != "unet":

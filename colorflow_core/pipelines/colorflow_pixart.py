@@ -12,7 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .. import runtime
-from ..attention import fastest_attention
+from ..gpu_kernels import fast_kernels
 from ..canvas import center_crop
 from ..errors import IncompatibleWeightsError
 from ..models.color_guider_pixart import ColorGuiderPixArtModel
@@ -119,7 +119,7 @@ class ColorFlowPixArtPipeline(CanvasConditionMixin, DiffusionPipeline):
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale
         with runtime.activate(self.plan, size=(canvas.width // 2, canvas.height // 2), guidance=guidance_scale) as run, \
-                fastest_attention(self.device if run is None else run.device):
+                fast_kernels(self.device if run is None else run.device, self.vae):
             if run is not None:
                 guidance_scale = run.preset.guidance(guidance_scale)
             self.check_inputs(canvas, mask, num_inference_steps, guidance_scale)

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .. import runtime
-from ..attention import fastest_attention
+from ..gpu_kernels import fast_kernels
 from ..canvas import center_crop
 from ..errors import InvalidInputError
 from ..models.color_guider import ColorGuiderSDModel
@@ -123,7 +123,7 @@ class ColorFlowSDPipeline(CanvasConditionMixin, DiffusionPipeline):
             raise InvalidInputError("canvases sampled together must have the same size")
         size = (canvases[0].width // 2, canvases[0].height // 2)
         with runtime.activate(self.plan, size=size, guidance=guidance_scale, pages=len(canvases)) as run, \
-                fastest_attention(self.device if run is None else run.device):
+                fast_kernels(self.device if run is None else run.device, self.guider, self.unet, self.vae):
             preset = run.preset if run is not None else None
             if preset is not None:
                 guidance_scale = preset.guidance(guidance_scale)

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from .. import runtime
-from ..attention import fastest_attention
+from ..gpu_kernels import fast_kernels
 from ..models.fusion import MultiHiddenResNetModel
 from ..models.guided_vae import decode_with_features, encode_with_features
 
@@ -78,7 +78,7 @@ class GuidedSuperResolver:
         Runs in stages (VAE encode → fusion → VAE decode), each model on the device only for its stage under an
         offloading preset, and frees every feature map as soon as it is fused (upstream's numbers, less memory)."""
         with runtime.activate(self.plan, size=(int(guide.width / 1.5), int(guide.height / 1.5))) as run, \
-                fastest_attention(self.vae.device if run is None else run.placement.device_for("vae")):
+                fast_kernels(self.vae.device if run is None else run.placement.device_for("vae"), self.vae):
             return self._run_stages(lowres, guide, generator, sample_posterior, batch_stat_norm)
 
     def _run_stages(
