@@ -8,9 +8,10 @@
   (the VAE's single 512-wide head runs the memory-efficient kernel).
 * GroupNorm: PyTorch's CUDA kernel reduces each (sample, group) row with one thread block, so a batch-1 VAE map
   (32 groups × 6.5 M values at 1024×1600) keeps 32 of 132 SMs busy: 5.9 ms for GroupNorm + SiLU of one
-  128-channel map (0.3 TB/s) and 20 % of a page's GPU time. `group_norm` computes the same function with PyTorch's
-  own reductions (float32 statistics, one fused float32 affine with a single rounding) and keeps channels_last
-  tensors channels_last (PyTorch's kernel returns them contiguous, so every following conv transposes again).
+  128-channel map (0.3 TB/s); GroupNorm was 20 % of a page's GPU time. `group_norm` computes the same function with
+  PyTorch's own reductions (float32 statistics, one fused float32 affine with a single rounding) and keeps
+  channels_last tensors channels_last (PyTorch's kernel returns them contiguous, so the next conv transposes again).
+  It replaces torch's kernel for large rows only (`LARGE_ROWS`: the VAE and GSRP at page size).
 
 Outside the block the host's own settings (ComfyUI's, a user's) and the modules' own forwards are back unchanged.
 """
@@ -84,16 +85,22 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     return torch.addcmul(shift.view(shape), x, scale.view(shape), out=torch.empty_like(x))
 
 
+#: Values per (sample, group) from which `group_norm` replaces torch's kernel. Below, torch's one-block-per-row kernel
+#: keeps up, and `group_norm`'s ten small ops cost more CPU time than they save GPU time: the UNet and guider steps
+#: (≤ 256 K values per row at 512×800) became CPU-bound with it on an H200. The VAE at the canvas size has 1.6–6.5 M.
+LARGE_ROWS = 1 << 20
+
+
 def _group_norm_forward(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cuda":
+    if x.device.type != "cuda" or x.numel() < LARGE_ROWS * norm.num_groups * x.shape[0]:
         return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
 @contextlib.contextmanager
 def fast_group_norm(*modules: nn.Module) -> Iterator[int]:
-    """For the block, every `nn.GroupNorm` in `modules` runs `group_norm` on CUDA inputs (`F.group_norm` elsewhere);
-    yields how many. Modules staged onto the GPU inside the block are covered too; a nested block changes nothing."""
+    """For the block, every `nn.GroupNorm` in `modules` runs `group_norm` on CUDA inputs with rows of at least
+    `LARGE_ROWS` values (`F.group_norm` otherwise); yields how many. Modules staged onto the GPU inside the block are covered too; a nested block changes nothing."""
     norms = [m for module in modules for m in module.modules() if type(m) is nn.GroupNorm and "forward" not in vars(m)]
     for norm in norms:
         norm.forward = lambda x, n=norm: _group_norm_forward(n, x)

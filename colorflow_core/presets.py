@@ -9,7 +9,7 @@ One model object can therefore run several presets, one call after another.
 | --- | --- | --- |
 | `faithful` (default) | upstream's | CFG at the style's scale, batch-2 VAE encodes with separate posterior noise, train-mode BN in GSRP, the weights' dtype. |
 | `fast` | CFG off, half precision | guidance 1.0 (batch 1), each canvas half VAE-encoded once, LoRA merged into the UNet / transformer for the denoise stage (merged and cast in one copy, kept by the view for the next page), bf16 compute where the device runs it natively (CUDA, or a CPU with avx512_bf16/AMX; fp16 on CUDA without bf16, the VAE and fusion net then stay fp32), channels_last on CUDA, text embeddings cached. |
-| `low-vram` | upstream's CFG, half precision | only the running stage's models on the accelerator (image encoder, text encoder, guider + UNet, VAE, fusion net take turns; weights wait on the offload device), half precision (weights loaded in it, or cast on their way to the device; a model already resident keeps its dtype), each canvas half encoded once (same random draws as upstream), channels_last on CUDA, and the 2W×2H VAE decode tiled when it would otherwise be the page's memory peak. |
+| `low-vram` | upstream's CFG, half precision | only the running stage's models on the accelerator (image encoder, text encoder, guider + UNet, VAE, fusion net take turns; weights wait on the offload device), half precision (weights loaded in it, or cast on their way to the device; a model already resident keeps its dtype), each canvas half encoded once (same random draws as upstream), and the 2W×2H VAE decode tiled when it would otherwise be the page's memory peak. |
 | `auto` | as picked | reads the free accelerator memory (CPU: available RAM) before each page and picks `faithful` if it fits, else `low-vram`, else `low-vram` with the guider and UNet swapped every step. |
 
 All accelerators use SDPA attention (diffusers' `AttnProcessor2_0`, which every attention layer of the UNet, the
@@ -116,7 +116,6 @@ LOW_VRAM = Preset(
     encode_once=True,
     compute_dtype=HALF,
     cast_resident=False,
-    channels_last="accelerator",
     offload="stage",
     vae_tiling="auto",
 )
