@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                      help="weight dtype (default: float16 on CUDA, as upstream; float32 on the CPU)")
     run.add_argument("--preset", default="faithful", choices=list(PRESET_NAMES),
-                     help="faithful: upstream numerics (default); fast: no CFG, LoRA merged, bf16, each canvas half "
+                     help="faithful: upstream numerics (default); fast: no CFG, LoRA merged, half precision, each canvas half "
                           "encoded once; low-vram: one model on the GPU at a time, half precision, tiled decode; "
                           "auto: picks faithful or low-vram from the free memory. --guidance overrides fast's 1.0")
     run.add_argument("--page-batch", type=int, default=1,
