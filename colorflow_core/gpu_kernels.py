@@ -18,6 +18,7 @@ Outside the block the host's own settings (ComfyUI's, a user's) and the modules'
 from __future__ import annotations
 
 import contextlib
+from contextvars import ContextVar
 from typing import ContextManager, Iterator
 
 import torch
@@ -111,10 +112,25 @@ def fast_group_norm(*modules: nn.Module) -> Iterator[int]:
             del norm.forward
 
 
+_UPSTREAM = ContextVar("colorflow_upstream_kernels", default=False)
+
+
+@contextlib.contextmanager
+def upstream_kernels() -> Iterator[None]:
+    """Within the block `fast_kernels` changes nothing: torch's own GroupNorm and SDPA choice, as upstream ran
+    (for measuring what the faster kernels change)."""
+    token = _UPSTREAM.set(True)
+    try:
+        yield
+    finally:
+        _UPSTREAM.reset(token)
+
+
 def fast_kernels(device: torch.device | str, *modules: nn.Module) -> ContextManager:
-    """`fastest_attention(device)` and `fast_group_norm(*modules)` for the block (a no-op away from CUDA)."""
+    """`fastest_attention(device)` and `fast_group_norm(*modules)` for the block (a no-op away from CUDA and inside
+    `upstream_kernels`)."""
     stack = contextlib.ExitStack()
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and not _UPSTREAM.get():
         stack.enter_context(fastest_attention(device))
         stack.enter_context(fast_group_norm(*modules))
     return stack

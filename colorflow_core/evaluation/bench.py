@@ -872,6 +872,10 @@ def format_bench(result: dict) -> str:
     presets = result.get("presets")
     if presets:
         lines.extend(format_presets(presets))
+    parity = result.get("eager_parity")
+    if parity:
+        lines.append(f"faithful vs upstream-style eager kernels: final {parity['final_db']:.2f} dB, ICP canvas "
+                     f"{parity['icp_canvas_db']:.2f} dB, low-res {parity['lowres_db']:.2f} dB")
     cache = result.get("embedding_cache")
     if cache:
         lines.append(f"embedding cache: first run embedded {cache['first_run_embedded']} images, second run "

@@ -108,6 +108,10 @@ def bench(args: argparse.Namespace) -> int:
                 else:
                     result["pipeline"] = B.run_pipeline_bench(config, Path(tmp), loaded)
                 result["embedding_cache"] = _cache_check(config, loaded[0].encoder, Path(tmp))
+                if args.eager_parity:
+                    from .eager_parity import eager_parity
+
+                    result["eager_parity"] = eager_parity(loaded[0], *B._inputs(config))
     if args.pool_sizes:
         result["retrieval"] = B.run_retrieval_bench(args.pool_sizes, dim=args.dim, batches=args.query_batches,
                                                     repeats=args.search_repeats, seed=args.seed,
@@ -193,6 +197,9 @@ def register(commands) -> None:
                          "can be changed: fast:compute_dtype=float32); reports time, peak memory and PSNR vs faithful")
     be.add_argument("--compile", action="store_true",
                     help="torch.compile the guider/UNet blocks; the first page's extra time is the compile cost")
+    be.add_argument("--eager-parity", action="store_true",
+                    help="also compare one page against upstream-style eager kernels (NCHW, torch's GroupNorm and "
+                         "SDPA choice) on the same model: PSNR of the final page, ICP canvas and low-res page")
     be.add_argument("--isolate", action="store_true",
                     help="with --presets: each preset in its own fresh process (CPU RSS peaks become comparable; "
                          "the model is loaded once per preset)")

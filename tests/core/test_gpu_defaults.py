@@ -9,8 +9,11 @@ from torch import nn
 
 from colorflow_core import gpu_kernels
 from colorflow_core.cli import main
+from colorflow_core.evaluation.eager_parity import contiguous_weights, eager_parity
 from colorflow_core.evaluation.roofline import achieved, modelled_stages
-from colorflow_core.gpu_kernels import fast_group_norm, fast_kernels, group_norm, top_level_backend
+from colorflow_core.gpu_kernels import (
+    fast_group_norm, fast_kernels, group_norm, top_level_backend, upstream_kernels,
+)
 from colorflow_core.presets import PRESETS, get_preset
 from colorflow_core.runtime import default_dtype
 
@@ -105,3 +108,29 @@ def test_roofline_halves_the_batch_stages_without_cfg_and_divides():
     assert modelled_stages(300, 300, True, False) is None
     rows = achieved({"step": 0.1, "canvas": 0.05, "decode": 0.0}, cfg)
     assert list(rows) == ["step"] and rows["step"]["tflop_per_s"] == pytest.approx(364.9) and rows["step"]["ms"] == 100
+
+
+def test_upstream_kernels_switch_the_fast_kernels_off():
+    norm = nn.GroupNorm(2, 4)
+    with upstream_kernels():
+        with fast_kernels("cuda", norm):
+            assert "forward" not in vars(norm)
+    with fast_kernels("cuda", norm):
+        assert "forward" in vars(norm)
+
+
+def test_contiguous_weights_makes_channels_last_nets_nchw_for_the_block():
+    last = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)).to(memory_format=torch.channels_last)
+    plain = nn.Conv2d(3, 8, 3)
+    with contiguous_weights([last, plain]) as count:
+        assert count == 1 and all(p.is_contiguous() for p in last.parameters())
+    assert last[1].weight.is_contiguous(memory_format=torch.channels_last) and not last[1].weight.is_contiguous()
+    assert plain.weight.is_contiguous()
+
+
+def test_eager_parity_on_the_cpu_compares_identical_pages(tiny_model):
+    from colorflow_core.evaluation.bench import PipelineBench, _inputs
+
+    result = eager_parity(tiny_model, *_inputs(PipelineBench(width=64, height=96, steps=1)))
+    assert result == {"final_db": float("inf"), "icp_canvas_db": float("inf"), "lowres_db": float("inf"),
+                      "nets_made_nchw": 0}
