@@ -15,9 +15,10 @@ from .imaging import auto_size, check_query_size, list_images, load_image, proce
 from .loading import load_colorflow
 from .options import ColorizeOptions
 from .preprocessors import NEEDS, RELEASE_FILES, Preprocessors, preprocess_image
-from .presets import PRESET_NAMES
+from .presets import PRESET_NAMES, get_preset
 from .retrieval import OpenClipEncoder, ReferencePool
 from .retrieval.store import write_json, write_png
+from .runtime import default_dtype
 from .compiling import compile_models
 from .sequence import colorize_pages
 from .styles import PREPROCESS_METHODS, STYLE_NAMES, get_style
@@ -116,9 +117,11 @@ def colorize(args: argparse.Namespace) -> int:
         preprocess=args.preprocess, sample_posterior=not args.posterior_mode, screen_deterministic=args.screen_deterministic,
     )
     out = _destinations(args)
-    print(f"loading models (preset {args.preset})…", file=sys.stderr, flush=True)
+    device = resolve_device(args.device)
+    dtype = args.dtype or str(default_dtype(device, get_preset(args.preset))).removeprefix("torch.")
+    print(f"loading models (preset {args.preset}, {dtype} on {device})…", file=sys.stderr, flush=True)
     model = load_colorflow(
-        args.colorflow, args.base, style=args.style, device=args.device, dtype=args.dtype, allow_download=args.download,
+        args.colorflow, args.base, style=args.style, device=device, dtype=dtype, allow_download=args.download,
         preset=args.preset,
     )
     if args.compile:
@@ -202,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--guider-scale", type=float, default=1.0, help="strength of the colour guider residuals")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     run.add_argument("--dtype", default=None, choices=list(DTYPES),
-                     help="weight dtype (default float32; half precision on a GPU for --preset fast/low-vram/auto)")
+                     help="weight dtype (default: float16 on CUDA, as upstream; float32 on the CPU)")
     run.add_argument("--preset", default="faithful", choices=list(PRESET_NAMES),
-                     help="faithful: upstream numerics (default); fast: no CFG, LoRA merged, bf16, each canvas half "
+                     help="faithful: upstream numerics (default); fast: no CFG, LoRA merged, half precision, each canvas half "
                           "encoded once; low-vram: one model on the GPU at a time, half precision, tiled decode; "
                           "auto: picks faithful or low-vram from the free memory. --guidance overrides fast's 1.0")
     run.add_argument("--page-batch", type=int, default=1,

@@ -93,9 +93,18 @@ def load_fusion(folder: Path, vae: AutoencoderKL, root: Path | None = None) -> M
     return _load_strict(fusion, state_dict, weights)
 
 
+#: The conv nets that run at page size: on CUDA their weights are kept channels_last, cuDNN's native layout (NCHW
+#: convs transpose their input and output every call), and their large GroupNorms keep it (`gpu_kernels`).
+PAGE_SIZE_NETS = (AutoencoderKL, MultiHiddenResNetModel)
+
+
 def place_modules(modules: Sequence[object], device: torch.device, dtype: torch.dtype) -> None:
-    """Move the `nn.Module`s among `modules` to `device`, cast to `dtype` (loaded weights are float32)."""
+    """Move the `nn.Module`s among `modules` to `device`, cast to `dtype` (loaded weights are float32); on CUDA the
+    `PAGE_SIZE_NETS` get channels_last weights."""
+    cuda = torch.device(device).type == "cuda"
     for module in modules:
         if isinstance(module, torch.nn.Module):
             # No dtype argument for float32: diffusers warns on any dtype cast, even a no-op one.
-            module.to(device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
+            cast = {} if dtype == torch.float32 else {"dtype": dtype}
+            layout = {"memory_format": torch.channels_last} if cuda and isinstance(module, PAGE_SIZE_NETS) else {}
+            module.to(device=device, **cast, **layout)

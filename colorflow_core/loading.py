@@ -19,8 +19,8 @@ from .models.lora import apply_lora
 from .pipelines.colorflow_sd import ColorFlowSDPipeline
 from .pipelines.guided_sr import GuidedSuperResolver
 from .preprocessors import PREPROCESSOR_FILES
-from .presets import FAITHFUL, HALF, Preset, get_preset
-from .runtime import Placement, half_dtype
+from .presets import FAITHFUL, Preset, get_preset
+from .runtime import Placement, default_dtype
 from .retrieval.encoders import ReleaseClipEncoder
 from .single_file import is_single_file, load_sd15_single_file
 from .styles import get_style
@@ -77,14 +77,6 @@ def load_base_components(base: Path, config_dir: Path | None = None) -> dict:
     )
 
 
-def load_dtype(preset: Preset, device: torch.device) -> torch.dtype:
-    """The dtype weights are loaded in when none is asked: half precision on an accelerator for the presets that
-    compute in it (and `auto`), else float32."""
-    if device.type in ("cuda", "mps") and (preset.compute_dtype == HALF or preset.is_auto):
-        return half_dtype(device) or torch.float32
-    return torch.float32
-
-
 def load_colorflow(
     colorflow: str | Path = COLORFLOW_REPO,
     base: str | Path | None = None,
@@ -112,15 +104,15 @@ def load_colorflow(
 
     `preset` (see `colorflow_core.presets`): "faithful" returns the plain model; other presets return a
     `with_preset` view. Offloading presets ("low-vram") keep the weights on `placement.offload_device`; "auto" keeps
-    them on the device when a page at the upstream size fits, else offloads. `dtype` None = float32, or half
-    precision on an accelerator for the presets that compute in it. `placement` (default: everything on `device`,
+    them on the device when a page at the upstream size fits, else offloads. `dtype` None = `runtime.default_dtype`:
+    float16 on CUDA (upstream's), float32 on the CPU. `placement` (default: everything on `device`,
     offload to the CPU) is where a host such as ComfyUI says stages run and weights wait.
     """
     get_style(style)
     preset = get_preset(preset)
     placement = placement if placement is not None else Placement(resolve_device(device))
     device = placement.device
-    dtype = resolve_dtype(dtype) if dtype is not None else load_dtype(preset, device)
+    dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device, preset)
     offload = preset.offload != "none" or preset.is_auto
     home = placement.offload_device if offload else device
     model = _load_plain(colorflow, base, style, home, dtype, allow_download, base_config, prompt_cache, download_dir)

@@ -109,6 +109,15 @@ def half_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def default_dtype(device: torch.device, preset: Preset) -> torch.dtype:
+    """The dtype weights are loaded and computed in when the caller names none: float16 on CUDA for every preset
+    (upstream runs the whole pipeline in it; bf16 would change its numbers), float16 on MPS for the presets that
+    compute in half precision, else float32 (a CPU preset that wants half precision makes its own copies)."""
+    if device.type == "cuda" or (device.type == "mps" and (preset.compute_dtype == HALF or preset.is_auto)):
+        return torch.float16
+    return torch.float32
+
+
 def compute_dtype(setting: str | None, stage: str, device: torch.device, weights: torch.dtype) -> torch.dtype:
     """The dtype a stage computes in, given the preset's `compute_dtype` and the dtype its weights are stored in.
 

@@ -7,10 +7,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..configured import resolve_device
 from ..errors import InvalidInputError
+from ..presets import FAITHFUL
+from ..runtime import default_dtype
 from ..retrieval import OpenClipEncoder, ReleaseClipEncoder
 from . import bench as B
 from . import metrics as M
+from .eager_parity import eager_parity
 from .report import contact_sheet, evaluate_pages, format_table, load_folders, sheet_rows
 from .synthetic import make_chapter as build_chapter
 from .synthetic import write_chapter
@@ -70,11 +74,14 @@ def evaluate(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     """Per-stage timing/memory of one page, exact retrieval over large pools, embedding-cache check."""
     result: dict = {"machine": B.machine_info(args.device)}
+    if args.dtype is None:
+        args.dtype = str(default_dtype(resolve_device(args.device), FAITHFUL)).removeprefix("torch.")
     config = B.PipelineBench(
         width=args.width, height=args.height, style=args.style, input_style=args.input_style, preprocess=args.preprocess,
         dtype=args.dtype, device=args.device, steps=args.steps, guidance=args.guidance, guider_scale=args.guider_scale,
         repeats=args.repeats, warmup=args.warmup, references=args.references, seed=args.seed,
         colorflow=args.colorflow, base=args.base, weights="release" if args.colorflow else args.weights,
+        compile=args.compile,
     )
     if bool(args.colorflow) != bool(args.base):
         raise InvalidInputError("--colorflow and --base go together (leave both out for tiny random weights)")
@@ -94,6 +101,8 @@ def bench(args: argparse.Namespace) -> int:
                 else:
                     result["pipeline"] = B.run_pipeline_bench(config, Path(tmp), loaded)
                 result["embedding_cache"] = _cache_check(config, loaded[0].encoder, Path(tmp))
+                if args.eager_parity:
+                    result["eager_parity"] = eager_parity(loaded[0], *B.bench_inputs(config))
     if args.pool_sizes:
         result["retrieval"] = B.run_retrieval_bench(args.pool_sizes, dim=args.dim, batches=args.query_batches,
                                                     repeats=args.search_repeats, seed=args.seed,
@@ -155,7 +164,8 @@ def register(commands) -> None:
     be.add_argument("--input-style", default="screentone", choices=["screentone", "lineart", "lineart_shading"],
                     help="synthetic B/W page style")
     be.add_argument("--preprocess", default="gray", help="page preprocessing (default gray: needs no extra weights)")
-    be.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    be.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="weight dtype (default: the library's, float16 on CUDA and float32 on the CPU)")
     be.add_argument("--device", default="cpu")
     be.add_argument("--steps", type=int, default=4)
     be.add_argument("--guidance", type=float, help="CFG scale (default: the style's upstream value)")
@@ -171,6 +181,11 @@ def register(commands) -> None:
     be.add_argument("--presets", nargs="+", metavar="PRESET",
                     help="run these presets side by side on the same page (faithful, fast, low-vram, auto; fields "
                          "can be changed: fast:compute_dtype=float32); reports time, peak memory and PSNR vs faithful")
+    be.add_argument("--compile", action="store_true",
+                    help="torch.compile the guider/UNet blocks; the first page's extra time is the compile cost")
+    be.add_argument("--eager-parity", action="store_true",
+                    help="also compare one page against upstream-style eager kernels (NCHW, torch's GroupNorm and "
+                         "SDPA choice) on the same model: PSNR of the final page, ICP canvas and low-res page")
     be.add_argument("--isolate", action="store_true",
                     help="with --presets: each preset in its own fresh process (CPU RSS peaks become comparable; "
                          "the model is loaded once per preset)")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from .. import runtime
 from ..errors import IncompatibleWeightsError
+from ..gpu_kernels import fast_kernels
 from ..models.color_guider_pixart import ColorGuiderPixArtModel
 from ..models.pixart_injection import inject_controls
 from ..observe import NO_OBSERVER, PageObserver
@@ -137,61 +138,61 @@ class ColorFlowPixArtPipeline(ICPSampler, DiffusionPipeline):
         device = self.device if run is None else run.device
         dtype = self.transformer.dtype if run is None else run.dtype_for("denoiser", self.transformer)
         guider_dtype = self.guider.dtype if run is None else run.dtype_for("denoiser", self.guider)
+        with fast_kernels(device, self.vae):
+            # 2. Prompt (cached T5 embeddings).
+            with observer.stage("text_encode"):
+                prompt_embeds, prompt_mask = self.encode_prompt(
+                    prompt, negative_prompt, do_classifier_free_guidance, device=device, dtype=dtype
+                )
 
-        # 2. Prompt (cached T5 embeddings).
-        with observer.stage("text_encode"):
-            prompt_embeds, prompt_mask = self.encode_prompt(
-                prompt, negative_prompt, do_classifier_free_guidance, device=device, dtype=dtype
-            )
+            # 3. The guider's condition.
+            with observer.stage("vae_encode"):
+                condition = self.prepare_condition(canvas, mask, batch, posterior_generator, encode_once, run)
+            condition = condition.to(device, guider_dtype)
 
-        # 3. The guider's condition.
-        with observer.stage("vae_encode"):
-            condition = self.prepare_condition(canvas, mask, batch, posterior_generator, encode_once, run)
-        condition = condition.to(device, guider_dtype)
+            # 4. Timesteps.
+            scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
+            scheduler.set_timesteps(num_inference_steps, device=device)
 
-        # 4. Timesteps.
-        scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=device)
+            # 5. Initial latents and micro-conditions.
+            width, height = canvas.size
+            channels = self.transformer.config.in_channels
+            shape = (1, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+            added_cond_kwargs = self.micro_conditions(width, height, batch, device=device, dtype=dtype)
+            learned_sigma = self.transformer.config.out_channels // 2 == channels
 
-        # 5. Initial latents and micro-conditions.
-        width, height = canvas.size
-        channels = self.transformer.config.in_channels
-        shape = (1, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        added_cond_kwargs = self.micro_conditions(width, height, batch, device=device, dtype=dtype)
-        learned_sigma = self.transformer.config.out_channels // 2 == channels
+            # 6. Denoising loop.
+            timesteps = scheduler.timesteps
+            with observer.stage("denoise"), runtime.denoise_stage(run, self.guider, self.transformer):
+                for i, t in enumerate(timesteps):
+                    model_input = scheduler.scale_model_input(torch.cat([latents] * batch), t)
+                    timestep = t[None].to(device).expand(batch)
+                    with runtime.model_turn(run, self.guider):
+                        controls = self.guider(
+                            model_input.to(guider_dtype), timestep, condition, added_cond_kwargs, conditioning_scale=guider_scale
+                        )
+                    with runtime.model_turn(run, self.transformer), inject_controls(self.transformer, controls):
+                        noise = self.transformer(
+                            model_input.to(dtype),
+                            encoder_hidden_states=prompt_embeds,
+                            encoder_attention_mask=prompt_mask,
+                            timestep=timestep,
+                            added_cond_kwargs=added_cond_kwargs,
+                            return_dict=False,
+                        )[0]
+                    del controls
+                    if do_classifier_free_guidance:
+                        uncond, cond = noise.chunk(2)
+                        noise = uncond + guidance_scale * (cond - uncond)
+                    if learned_sigma:
+                        noise = noise.chunk(2, dim=1)[0]
+                    latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                    observer.step_end(i + 1, len(timesteps))
+                    if progress is not None:
+                        progress(i + 1, len(timesteps))
+            check_finite_tensor(latents, "ICP denoising (ColorGuider + PixArt transformer)")
 
-        # 6. Denoising loop.
-        timesteps = scheduler.timesteps
-        with observer.stage("denoise"), runtime.denoise_stage(run, self.guider, self.transformer):
-            for i, t in enumerate(timesteps):
-                model_input = scheduler.scale_model_input(torch.cat([latents] * batch), t)
-                timestep = t[None].to(device).expand(batch)
-                with runtime.model_turn(run, self.guider):
-                    controls = self.guider(
-                        model_input.to(guider_dtype), timestep, condition, added_cond_kwargs, conditioning_scale=guider_scale
-                    )
-                with runtime.model_turn(run, self.transformer), inject_controls(self.transformer, controls):
-                    noise = self.transformer(
-                        model_input.to(dtype),
-                        encoder_hidden_states=prompt_embeds,
-                        encoder_attention_mask=prompt_mask,
-                        timestep=timestep,
-                        added_cond_kwargs=added_cond_kwargs,
-                        return_dict=False,
-                    )[0]
-                del controls
-                if do_classifier_free_guidance:
-                    uncond, cond = noise.chunk(2)
-                    noise = uncond + guidance_scale * (cond - uncond)
-                if learned_sigma:
-                    noise = noise.chunk(2, dim=1)[0]
-                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-                observer.step_end(i + 1, len(timesteps))
-                if progress is not None:
-                    progress(i + 1, len(timesteps))
-        check_finite_tensor(latents, "ICP denoising (ColorGuider + PixArt transformer)")
-
-        # 7. Decode.
-        with observer.stage("decode"):
-            return self.to_result(self.decode_latents(latents, tile_decode, run), latents, posterior_generator)
+            # 7. Decode.
+            with observer.stage("decode"):
+                return self.to_result(self.decode_latents(latents, tile_decode, run), latents, posterior_generator)

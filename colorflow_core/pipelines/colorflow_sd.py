@@ -10,6 +10,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .. import runtime
 from ..models.color_guider import ColorGuiderSDModel
+from ..gpu_kernels import fast_kernels
 from ..models.unet_injection import inject_guider_residuals
 from ..observe import NO_OBSERVER, PageObserver
 from ..validation import check_finite_tensor
@@ -105,57 +106,57 @@ class ColorFlowSDPipeline(ICPSampler, DiffusionPipeline):
         device = self.device if run is None else run.device
         dtype = self.unet.dtype if run is None else run.dtype_for("denoiser", self.unet)
         channels_last = run is not None and run.channels_last("denoiser")
+        with fast_kernels(device, self.guider, self.unet, self.vae):
+            # 2. Encode the prompt; rows [uncond × pages, cond × pages], like the model input below.
+            with observer.stage("text_encode"):
+                prompt_embeds = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance, device, dtype, run)
+            if pages > 1:
+                prompt_embeds = prompt_embeds.repeat_interleave(pages, dim=0)
 
-        # 2. Encode the prompt; rows [uncond × pages, cond × pages], like the model input below.
-        with observer.stage("text_encode"):
-            prompt_embeds = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance, device, dtype, run)
-        if pages > 1:
-            prompt_embeds = prompt_embeds.repeat_interleave(pages, dim=0)
+            # 3. Prepare the guider's condition; rows [row 0 of every page, row 1 of every page].
+            with observer.stage("vae_encode"):
+                conditions = [
+                    self.prepare_condition(canvas, mask, batch, g, encode_once, run)
+                    for canvas, mask, g in zip(canvases, masks, posterior_generators)
+                ]
+            condition = torch.cat([c[r : r + 1] for r in range(batch) for c in conditions]).to(device, dtype)
+            if channels_last:
+                condition = condition.contiguous(memory_format=torch.channels_last)
 
-        # 3. Prepare the guider's condition; rows [row 0 of every page, row 1 of every page].
-        with observer.stage("vae_encode"):
-            conditions = [
-                self.prepare_condition(canvas, mask, batch, g, encode_once, run)
-                for canvas, mask, g in zip(canvases, masks, posterior_generators)
-            ]
-        condition = torch.cat([c[r : r + 1] for r in range(batch) for c in conditions]).to(device, dtype)
-        if channels_last:
-            condition = condition.contiguous(memory_format=torch.channels_last)
+            # 4. Timesteps (a fresh scheduler per call: its state is per sampling run).
+            scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config)
+            scheduler.set_timesteps(num_inference_steps, device=device)
 
-        # 4. Timesteps (a fresh scheduler per call: its state is per sampling run).
-        scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=device)
+            # 5. Initial latents, each page from its own generator.
+            width, height = canvases[0].size
+            shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            latents = torch.cat([randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators])
+            latents = latents * scheduler.init_noise_sigma
 
-        # 5. Initial latents, each page from its own generator.
-        width, height = canvases[0].size
-        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = torch.cat([randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators])
-        latents = latents * scheduler.init_noise_sigma
+            # 6. Denoising loop.
+            timesteps = scheduler.timesteps
+            with observer.stage("denoise"), runtime.denoise_stage(run, self.guider, self.unet):
+                for i, t in enumerate(timesteps):
+                    model_input = scheduler.scale_model_input(torch.cat([latents] * batch), t)
+                    if channels_last:
+                        model_input = model_input.contiguous(memory_format=torch.channels_last)
+                    with runtime.model_turn(run, self.guider):
+                        residuals = self.guider(model_input, t, condition, conditioning_scale=guider_scale)
+                    with runtime.model_turn(run, self.unet), inject_guider_residuals(self.unet, residuals):
+                        noise = self.unet(model_input, t, encoder_hidden_states=prompt_embeds).sample
+                    del residuals
+                    if do_classifier_free_guidance:
+                        uncond, cond = noise.chunk(2)
+                        noise = uncond + guidance_scale * (cond - uncond)
+                    latents = scheduler.step(noise, t, latents).prev_sample
+                    observer.step_end(i + 1, len(timesteps))
+                    if progress is not None:
+                        progress(i + 1, len(timesteps))
+            check_finite_tensor(latents, "ICP denoising (ColorGuider + UNet)")
 
-        # 6. Denoising loop.
-        timesteps = scheduler.timesteps
-        with observer.stage("denoise"), runtime.denoise_stage(run, self.guider, self.unet):
-            for i, t in enumerate(timesteps):
-                model_input = scheduler.scale_model_input(torch.cat([latents] * batch), t)
-                if channels_last:
-                    model_input = model_input.contiguous(memory_format=torch.channels_last)
-                with runtime.model_turn(run, self.guider):
-                    residuals = self.guider(model_input, t, condition, conditioning_scale=guider_scale)
-                with runtime.model_turn(run, self.unet), inject_guider_residuals(self.unet, residuals):
-                    noise = self.unet(model_input, t, encoder_hidden_states=prompt_embeds).sample
-                del residuals
-                if do_classifier_free_guidance:
-                    uncond, cond = noise.chunk(2)
-                    noise = uncond + guidance_scale * (cond - uncond)
-                latents = scheduler.step(noise, t, latents).prev_sample
-                observer.step_end(i + 1, len(timesteps))
-                if progress is not None:
-                    progress(i + 1, len(timesteps))
-        check_finite_tensor(latents, "ICP denoising (ColorGuider + UNet)")
-
-        # 7. Decode each page.
-        with observer.stage("decode"):
-            return [
-                self.to_result(self.decode_latents(latents[row : row + 1], tile_decode, run), latents[row : row + 1], g)
-                for row, g in enumerate(posterior_generators)
-            ]
+            # 7. Decode each page.
+            with observer.stage("decode"):
+                return [
+                    self.to_result(self.decode_latents(latents[row : row + 1], tile_decode, run), latents[row : row + 1], g)
+                    for row, g in enumerate(posterior_generators)
+                ]

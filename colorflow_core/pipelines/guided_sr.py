@@ -11,6 +11,7 @@ from PIL import Image
 
 from .. import runtime
 from ..errors import InvalidInputError
+from ..gpu_kernels import fast_kernels
 from ..models.fusion import MultiHiddenResNetModel
 from ..models.guided_vae import decode_with_features, encode_with_features
 from ..validation import check_finite_tensor
@@ -82,27 +83,28 @@ class GuidedSuperResolver:
                 f"guided upscale works at {width}x{height} (1.5x the colour page {lowres.width}x{lowres.height}), which "
                 "must be a multiple of 8 and at least 16 both ways: use a page size that is a multiple of 16"
             )
-        upscaled = lowres.convert("RGB").resize(guide.size)
-        with runtime.stage(run, "vae", self.vae):
-            device, dtype = self.vae.device, self.vae.dtype
-            posterior, color_features = encode_with_features(self.vae, to_unit_tensor(upscaled).to(device, dtype))
-            _, gray_features = encode_with_features(self.vae, to_unit_tensor(guide).to(device, dtype))
-            latent = posterior.sample(generator) if sample_posterior else posterior.mode()
-            del posterior
-        with runtime.stage(run, "fusion", self.fusion):
-            fusion_device, fusion_dtype = self.fusion.device, self.fusion.dtype
-            additions = []
-            with batch_statistics(self.fusion) if batch_stat_norm else eval_mode(self.fusion):
-                for level, net in enumerate(self.fusion.two_layer_resnets[: len(color_features)]):
-                    feature = torch.cat([color_features[level], gray_features[level]], dim=1).to(fusion_device, fusion_dtype)
-                    color_features[level] = gray_features[level] = None
-                    additions.append(net(feature))
-                    del feature
-            del color_features, gray_features
-        with runtime.stage(run, "vae", self.vae):
-            device, dtype = self.vae.device, self.vae.dtype
-            out = decode_with_features(self.vae, latent.to(device, dtype), [a.to(device, dtype) for a in additions])
-        del additions
-        out = check_finite_tensor(out, "GSRP guided upscale (VAE + fusion net)").float().clamp(-1, 1)
-        out = out[0].permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(((out * 0.5 + 0.5) * 255).astype(np.uint8))
+        with fast_kernels(run.placement.device_for("vae") if run is not None else self.vae.device, self.vae):
+            upscaled = lowres.convert("RGB").resize(guide.size)
+            with runtime.stage(run, "vae", self.vae):
+                device, dtype = self.vae.device, self.vae.dtype
+                posterior, color_features = encode_with_features(self.vae, to_unit_tensor(upscaled).to(device, dtype))
+                _, gray_features = encode_with_features(self.vae, to_unit_tensor(guide).to(device, dtype))
+                latent = posterior.sample(generator) if sample_posterior else posterior.mode()
+                del posterior
+            with runtime.stage(run, "fusion", self.fusion):
+                fusion_device, fusion_dtype = self.fusion.device, self.fusion.dtype
+                additions = []
+                with batch_statistics(self.fusion) if batch_stat_norm else eval_mode(self.fusion):
+                    for level, net in enumerate(self.fusion.two_layer_resnets[: len(color_features)]):
+                        feature = torch.cat([color_features[level], gray_features[level]], dim=1).to(fusion_device, fusion_dtype)
+                        color_features[level] = gray_features[level] = None
+                        additions.append(net(feature))
+                        del feature
+                del color_features, gray_features
+            with runtime.stage(run, "vae", self.vae):
+                device, dtype = self.vae.device, self.vae.dtype
+                out = decode_with_features(self.vae, latent.to(device, dtype), [a.to(device, dtype) for a in additions])
+            del additions
+            out = check_finite_tensor(out, "GSRP guided upscale (VAE + fusion net)").float().clamp(-1, 1)
+            out = out[0].permute(1, 2, 0).cpu().numpy()
+            return Image.fromarray(((out * 0.5 + 0.5) * 255).astype(np.uint8))

@@ -12,16 +12,19 @@ from typing import Any
 import torch
 from diffusers import UniPCMultistepScheduler
 
+from ...compiling import compile_models
 from ...configured import place_modules, resolve_dtype
+from ...gpu_kernels import top_level_backend
 from ...loading import load_colorflow
 from ...models.unet_injection import inject_guider_residuals
 from ...options import ColorizeOptions
 from ...pipelines.condition import NEGATIVE_PROMPT, PROMPT
 from ...retrieval import ReferencePool
 from ...sequence import colorize_page
-from ...settings import guidance_scale, page_size
+from ...settings import guidance_scale, page_size, resolve
 from ...tiny import write_tiny_release
 from ..realsize import build_random_sd15
+from ..roofline import page_roofline
 from ..synthetic import make_chapter
 from .meter import AFTER_RETRIEVAL, Recorder, TimedEncoder, denoiser_name, forward_timers
 
@@ -47,10 +50,20 @@ class PipelineBench:
     #: "tiny" (random test weights), "random-sd15" (random weights at the real SD1.5 widths, built in memory) or
     #: "release" (`colorflow` + `base`).
     weights: str = "tiny"
+    #: torch.compile the guider/UNet blocks after loading (`compiling.compile_models`); the first page pays for it.
+    compile: bool = False
 
 
 def load_model(config: PipelineBench, workdir: Path):
-    """(model, description of the weights, load seconds); tiny random weights written to `workdir` by default."""
+    """(model, description of the weights, load seconds); tiny random weights written to `workdir` by default.
+    With `config.compile` the denoiser blocks are compiled (lazily: the first page pays)."""
+    model, weights, load_s = _load_model(config, workdir)
+    if config.compile:
+        compile_models(model.run_modules()["denoiser"])
+    return model, weights, load_s
+
+
+def _load_model(config: PipelineBench, workdir: Path):
     if config.weights == "random-sd15":
         if config.style != "gray":
             raise ValueError("random-sd15 weights exist for the gray (SD1.5) style only")
@@ -144,12 +157,32 @@ def run_pipeline_bench(
         model, weights, load_s = loaded if loaded is not None else load_model(config, workdir)
         references, page, options = bench_inputs(config)
         recorder = Recorder(model.device)
-        last = None
+        last, first_s = None, None
         for index in range(config.warmup + config.repeats):
+            start = time.perf_counter()
             last = measure_page(model, references, page, options, recorder, record=index >= config.warmup)
+            first_s = time.perf_counter() - start if first_s is None else first_s
         if keep is not None:
             keep.append(last)
-        return summarize_pipeline(config, model, recorder, last, weights, load_s)
+        return {**summarize_pipeline(config, model, recorder, last, weights, load_s), "first_page_s": first_s}
+
+
+def gpu_figures(config: PipelineBench, model: Any, measured: dict) -> dict:
+    """Achieved TFLOP/s per stage against the FLOP model, and the SDPA kernel of the top-level self-attention."""
+    if model.pipeline.family != "sd":
+        return {}
+    found = resolve(model, bench_inputs(config)[2], (config.width, config.height))
+    unet = model.pipeline.unet
+    run = model.execution(found.preset)
+    dtype = unet.dtype if run is None else run.dtype_for("denoiser", unet)
+    cfg = found.do_classifier_free_guidance
+    real_widths = config.weights != "tiny"  # the FLOP model counts the SD1.5 networks, not the test ones
+    return {
+        "roofline": page_roofline(config.width, config.height, cfg, found.encode_once, measured["stages"],
+                                  measured["steps"]["median_step_s"]) if real_widths else {},
+        "attention": top_level_backend(model.device, dtype, tokens=config.width * config.height // 16,
+                                       batch=2 if cfg else 1),
+    }
 
 
 def summarize_pipeline(config: PipelineBench, model: Any, recorder: Recorder, last: Any, weights: str, load_s: float) -> dict:

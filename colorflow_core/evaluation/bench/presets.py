@@ -8,6 +8,7 @@ import gc
 import io
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -19,7 +20,7 @@ from ... import runtime
 from ...presets import Preset, get_preset
 from ...settings import resolve
 from .meter import Recorder
-from .page import PipelineBench, bench_inputs, load_model, measure_page, run_pipeline_bench, summarize_pipeline
+from .page import PipelineBench, gpu_figures, bench_inputs, load_model, measure_page, run_pipeline_bench, summarize_pipeline
 
 def parse_preset_spec(spec: str) -> Preset:
     """'fast' or 'fast:compute_dtype=float32:merge_lora=false' → the Preset (fields changed as given)."""
@@ -103,6 +104,8 @@ def _preset_entry(config: PipelineBench, spec: str, view: Any, measured: dict) -
         "steps": {k: measured["steps"][k] for k in ("median_step_s", "min_step_s", "median_forwards_in_step_s")},
         "page_peak_mb": measured["stages"]["page"]["peak_mb"],
         "page_growth_mb": measured["stages"]["page"]["growth_mb"],
+        "first_page_s": measured.get("first_page_s"),
+        **gpu_figures(config, view, measured),
     }
     if preset.is_auto and view.plan is not None:
         entry["picked"] = resolve(view, bench_inputs(config)[2], (config.width, config.height)).preset.name
@@ -153,14 +156,18 @@ def run_preset_bench(
         views = {spec: _preset_view(model, parse_preset_spec(spec)) for spec in order}
         recorders = {spec: Recorder(model.device) for spec in order}
         last: dict = {}
+        first: dict = {}
         for round_index in range(config.warmup + config.repeats):
             for spec in order:
                 with _offloaded(model, views[spec]):
                     release_memory()
+                    start = time.perf_counter()
                     last[spec] = measure_page(views[spec], references, page, options, recorders[spec],
                                               record=round_index >= config.warmup)
+                    first.setdefault(spec, time.perf_counter() - start)
         for spec in order:
             measured = summarize_pipeline(config, views[spec], recorders[spec], last[spec], weights, load_s)
+            measured["first_page_s"] = first[spec]
             runs[spec] = _preset_entry(config, spec, views[spec], measured)
             finals[spec] = last[spec].final
     base = runs[reference]["after_retrieval"]["median_s"]

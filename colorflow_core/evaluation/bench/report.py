@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ..roofline import format_rows
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -60,6 +61,10 @@ def format_bench(result: dict) -> str:
     presets = result.get("presets")
     if presets:
         lines.extend(format_presets(presets))
+    parity = result.get("eager_parity")
+    if parity:
+        lines.append(f"faithful vs upstream-style eager kernels: final {parity['final_db']:.2f} dB, ICP canvas "
+                     f"{parity['icp_canvas_db']:.2f} dB, low-res {parity['lowres_db']:.2f} dB")
     cache = result.get("embedding_cache")
     if cache:
         lines.append(f"embedding cache: first run embedded {cache['first_run_embedded']} images, second run "
@@ -113,9 +118,27 @@ def format_presets(block: dict) -> list[str]:
         value = block["presets"][spec]["psnr_vs_faithful_db"]
         row += f"{('identical' if value is None else f'{value:.2f} dB'):>24}{'':>10}"
     lines.append(row)
+    lines.extend(format_gpu_figures(block))
     picked = {s: e["picked"] for s, e in block["presets"].items() if e.get("picked")}
     if picked:
         lines.append("auto picked: " + ", ".join(f"{s} → {p}" for s, p in picked.items()))
+    return lines
+
+
+def format_gpu_figures(block: dict) -> list[str]:
+    """Per preset: the first page (compilation, autotuning) against the median, the attention kernel, the stages
+    against the FLOP model."""
+    lines = []
+    for spec in block["order"]:
+        entry = block["presets"][spec]
+        page = entry["stages"]["page"]["median_s"]
+        first = entry.get("first_page_s")
+        line = f"{spec}: top-level attention {entry.get('attention', '?')}"
+        if first is not None:
+            line += f"; first page {first:.2f} s vs median {page:.2f} s (compile/warm-up {first - page:+.2f} s)"
+        lines.append(line)
+        if entry.get("roofline"):
+            lines.extend(format_rows(spec, entry["roofline"]))
     return lines
 
 
