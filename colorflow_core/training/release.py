@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..loading import STYLE_FOLDERS
 from .models import TrainModels
 
-GRAY = STYLE_FOLDERS["gray"]
+#: The gray style's folder of the release (the only style training writes).
+GRAY = "GraySD"
 #: Files a trained target writes into GraySD/ (stems; any older spelling of them is not linked).
 TRAINED_STEMS = {
     "icp": ("config", "diffusion_pytorch_model", "unet_lora"),
