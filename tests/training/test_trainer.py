@@ -64,14 +64,14 @@ def test_guider_from_base_unet_starts_as_the_base(tiny_release):
 
 def test_icp_overfits_only_trainables_change_and_the_release_loads(prepared, tmp_path):
     out = tmp_path / "run"
-    trainer = Trainer(config(prepared, out, steps=30, batch_size=2, styles=("gray",), checkpoint_every=100,
+    trainer = Trainer(config(prepared, out, steps=45, batch_size=2, styles=("gray",), checkpoint_every=100,
                              prompt_dropout=0.0, lr=6e-3, holdout="ch1"))
     start = build_models(trainer.config.colorflow, trainer.config.base, "icp", device=torch.device("cpu"))
     before = snapshot(start)
     release = trainer.run()
     icp = losses(out)  # ch0's two pages, both in every batch: the first batch's loss is the start
-    assert len(icp) == 30 and trainer.batch_loss(0)["icp"] < 0.5 * icp[0], (trainer.batch_loss(0), icp)
-    assert sum(icp[-5:]) < 0.75 * sum(icp[:5]), icp
+    assert len(icp) == 45 and trainer.batch_loss(0)["icp"] < 0.5 * icp[0], (trainer.batch_loss(0), icp)
+    assert sum(icp[-5:]) < 0.6 * sum(icp[:5]), icp
     after = snapshot(trainer.models)
     trainable = {f"{k.split('.', 1)[0]}.{k.split('.', 1)[1]}" for k in trainer.models.trainable()}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
