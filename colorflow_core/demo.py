@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import shutil
 import sys
 import tempfile
@@ -18,6 +17,21 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import ColorFlowError, MissingWeightsError
+from .evaluation.report import contact_sheet, evaluate_pages, format_table
+from .evaluation.synthetic import make_chapter, write_chapter
+from .loading import load_colorflow
+from .memory import _first
+from .options import ColorizeOptions
+from .pipelines.t5_prompt import user_cache_dir
+from .presets import PRESET_NAMES
+from .retrieval import ReferencePool
+from .retrieval.store import atomic_write
+from .retrieval.store import write_json, write_png
+from .sequence import colorize_pages
+from .timing import FULL_WIDTH
+from .timing import ProgressMeter, announce_estimate
+from .tiny import write_tiny_release
+from .weights import COLORFLOW_REPO
 
 #: Query size of the tiny demo (the pages are 1.5× it): about a minute for four pages on two CPU cores.
 TINY_SIZE = (192, 288)
@@ -36,15 +50,11 @@ REAL_WEIGHTS_HELP = (
 
 def tiny_weights_dir() -> Path:
     """Where the demo keeps its tiny random weights: `<user cache>/tiny-weights` ($COLORFLOW_CACHE to move it)."""
-    from .pipelines.t5_prompt import user_cache_dir
-
     return user_cache_dir() / "tiny-weights"
 
 
 def ensure_tiny_weights(folder: Path | None = None) -> tuple[Path, Path]:
     """(release, SD1.5 base) of the cached tiny weights, written once; a half-written copy is never used."""
-    from .tiny import write_tiny_release
-
     folder = Path(folder) if folder is not None else tiny_weights_dir()
     release, base = folder / "colorflow", folder / "sd15"
     if (folder / "complete").is_file():
@@ -64,11 +74,8 @@ def ensure_tiny_weights(folder: Path | None = None) -> tuple[Path, Path]:
 
 def _load(args: argparse.Namespace):
     """(model, note): the weights asked for, else the release in the usual places, else the cached tiny weights."""
-    from .loading import load_colorflow
-
     kwargs = dict(device=args.device, dtype=args.dtype, preset=args.preset, allow_download=args.download)
     if args.colorflow or args.base or args.download:  # asked for: its errors are the user's to see
-        from .weights import COLORFLOW_REPO
 
         return load_colorflow(args.colorflow or COLORFLOW_REPO, args.base, **kwargs), None
     if not args.tiny:
@@ -85,9 +92,6 @@ def _load(args: argparse.Namespace):
 
 def is_tiny(model) -> bool:
     """Whether `model` has the test widths of `colorflow_core.tiny` rather than the release's."""
-    from .memory import _first
-    from .timing import FULL_WIDTH
-
     widths = _first(model.run_modules().get("denoiser", ()), "block_out_channels")
     return bool(widths) and widths[0] < FULL_WIDTH["sd"]
 
@@ -115,7 +119,6 @@ def patch_grid(patches: list[list[Image.Image]], cell: tuple[int, int]) -> Image
 @dataclass
 class DemoPage:
     """Relative paths (inside the demo folder) of one page's pictures."""
-
     name: str
     images: dict[str, str]
 
@@ -151,7 +154,6 @@ def write_index(out: Path, pages: list[DemoPage], table: str, notes: list[str]) 
 labels), <a href="colored/">colored/</a>, <a href="canvas/">canvas/</a>, <a href="patches/">patches/</a>.</p>
 </body></html>
 """
-    from .retrieval.store import atomic_write
 
     path = out / "index.html"
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -160,14 +162,6 @@ labels), <a href="colored/">colored/</a>, <a href="canvas/">canvas/</a>, <a href
 
 def run_demo(args: argparse.Namespace) -> int:
     """Make the chapter, colour it with feed-back, evaluate it, write the contact sheet and index.html."""
-    from .evaluation.report import contact_sheet, evaluate_pages, format_table
-    from .evaluation.synthetic import make_chapter, write_chapter
-    from .options import ColorizeOptions
-    from .retrieval import ReferencePool
-    from .retrieval.store import write_json, write_png
-    from .sequence import colorize_pages
-    from .timing import ProgressMeter, announce_estimate
-
     if args.pages < 1 or args.references < 1:
         raise ColorFlowError("--pages and --references must be at least 1")
     out = Path(args.out)
@@ -232,8 +226,6 @@ def _notes(model, tiny: bool, fallback: str | None) -> list[str]:
 
 def register(commands) -> None:
     """Add the `demo` subcommand to the `python -m colorflow_core` subparsers."""
-    from .presets import PRESET_NAMES
-
     demo = commands.add_parser("demo", help="colour a synthetic chapter end to end (tiny weights if no release is here)")
     demo.add_argument("--out", default="colorflow-demo", help="output folder (default ./colorflow-demo)")
     demo.add_argument("--colorflow", help="ColorFlow release folder or repo id (default: the Hugging Face cache)")

@@ -12,10 +12,11 @@ from ..evaluation.bench import MemoryMeter, machine_info
 from ..loading import resolve_device
 from .data import PrepSettings, prepare_training
 from .trainer import TrainConfig, Trainer
+from ..evaluation.synthetic import make_chapter
+from ..tiny import write_tiny_release
 
 
 def _chapters(folder: Path, size: tuple[int, int]) -> Path:
-    from ..evaluation.synthetic import make_chapter
 
     for seed in (0, 1):
         chapter = make_chapter(seed, n_references=0, n_pages=3, size=size)
@@ -28,7 +29,6 @@ def _chapters(folder: Path, size: tuple[int, int]) -> Path:
 def bench_weights(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     """(release, base): `args.colorflow`/`args.base`, or tiny random weights written under `work`."""
     if args.colorflow is None:
-        from ..tiny import write_tiny_release
 
         return write_tiny_release(work / "weights")
     return Path(args.colorflow), Path(args.base)

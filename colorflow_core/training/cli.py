@@ -8,6 +8,11 @@ from pathlib import Path
 
 from ..models.lora import SD_LORA_TARGETS
 from ..weights import SD15_REPO
+from .bench import run_train_bench
+from .data import PrepSettings, prepare_training
+from .demo import run_finetune_demo
+from .trainer import TrainConfig
+from .trainer import Trainer
 
 
 def _styles(text: str) -> tuple[str, ...]:
@@ -20,8 +25,6 @@ def _say(line: str) -> None:
 
 def prepare(args: argparse.Namespace) -> int:
     """Prepare or extend DATA_DIR from CHAPTERS_DIR."""
-    from .data import PrepSettings, prepare_training
-
     settings = PrepSettings(
         width=args.width, height=args.height, pool_size=args.pool_size, top_k=args.top_k,
         styles=_styles(args.styles), seed=args.seed,
@@ -34,8 +37,6 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace):
-    from .trainer import TrainConfig
-
     return TrainConfig(
         data=args.data, out=args.out, base=args.base,
         colorflow=None if args.colorflow.lower() == "none" else args.colorflow, target=args.target, steps=args.steps,
@@ -51,8 +52,6 @@ def _config(args: argparse.Namespace):
 
 def train(args: argparse.Namespace) -> int:
     """Train; print the release folder as JSON."""
-    from .trainer import Trainer
-
     release = Trainer(_config(args)).run()
     print(json.dumps({"release": str(release), "metrics": str(Path(args.out) / "metrics.jsonl")}))
     return 0
@@ -60,8 +59,6 @@ def train(args: argparse.Namespace) -> int:
 
 def bench_train(args: argparse.Namespace) -> int:
     """Steps/s and peak memory of training the tiny (or a given) model on a synthetic chapter."""
-    from .bench import run_train_bench
-
     result = run_train_bench(args)
     print(json.dumps(result, indent=2))
     return 0
@@ -69,8 +66,6 @@ def bench_train(args: argparse.Namespace) -> int:
 
 def finetune_demo(args: argparse.Namespace) -> int:
     """Held-out PSNR / colour consistency of a synthetic chapter before and after fine-tuning."""
-    from .demo import run_finetune_demo
-
     print(json.dumps(run_finetune_demo(args), indent=2))
     return 0
 

@@ -28,6 +28,7 @@ from ..imaging import IMAGE_SUFFIXES, check_query_size, gray_rgb, load_image, pr
 from ..preprocessors import Preprocessors, screen_blend, shade_lines
 from ..retrieval import ReferencePool, Retrieval, content_hash, reference_patches
 from ..retrieval.store import write_json, write_png
+from ..retrieval import ReleaseClipEncoder
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ Warn = Callable[[str], None]
 @dataclass(frozen=True)
 class PrepSettings:
     """What `prepare_training` makes: page size W x H, per-frame pool size, top-k patches, styles, seed."""
-
     width: int = 512
     height: int = 800
     pool_size: int = 20
@@ -122,7 +122,6 @@ def retrieval_query(color: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 class TrainingData:
     """A prepared DATA_DIR: settings, frame records and the images of a frame."""
-
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         path = self.folder / DATA_FILE
@@ -223,8 +222,6 @@ def prepare_training(
     progress: Callable[[str], None] | None = None,
 ) -> TrainingData:
     """Prepare (or extend) DATA_DIR `out` from `chapters_dir` (one folder of colour pages per chapter)."""
-    from ..retrieval import ReleaseClipEncoder
-
     chapters_dir, out, release = Path(chapters_dir), Path(out), Path(release)
     if not chapters_dir.is_dir():
         raise InvalidInputError(f"chapters folder not found: {chapters_dir}")

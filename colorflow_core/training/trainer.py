@@ -5,6 +5,10 @@ from (seed, step), and the frame of each sample from a per-epoch permutation see
 state to save, so a resumed run repeats an uninterrupted one bit for bit, N processes with a global batch B compute
 what one process computes with batch B (each takes its B/N slice; gradients are averaged with an all-reduce), and
 batch B with A accumulated micro-batches trains like batch A*B.
+
+Why this module is long: the loop's parts (optimizer and warm-up, accumulation, autocast, EMA, the data-parallel
+all-reduce, checkpoints and their resume, validation) all read and write the same training state; apart, each would
+have to pass that state around and its resume guarantee would be spread across modules.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from .objective import (
     GSRP, LAYOUT, LAYOUTS, SAMPLE, STYLE, gsrp_loss, gsrp_sample, icp_loss, icp_sample, sample_choice, sample_generator,
 )
 from .release import write_release
+from ..evaluation.metrics import psnr, ssim
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,6 @@ _RESUME_FIXED = ("data", "colorflow", "target", "width", "height", "batch_size",
 @dataclass
 class TrainConfig:
     """Everything a run depends on (written to RUN_DIR/run.json)."""
-
     data: str
     out: str
     base: str
@@ -116,7 +120,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 class Trainer:
     """One training run (`run()`), single- or multi-process."""
-
     def __init__(self, config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
                  progress: Callable[[str], None] | None = None):
         self.config = config
@@ -381,8 +384,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- validation
     def _validate(self, models: TrainModels, frame: dict, step: int, ema) -> None:
         """Colourise the held-out page with the current (EMA) weights; save it and log PSNR/SSIM vs its colour page."""
-        from ..evaluation.metrics import psnr, ssim
-
         style = self.config.styles[0]
         size = self.data.size
         context = self.data.image(frame, style)
