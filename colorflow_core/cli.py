@@ -116,7 +116,7 @@ def colorize(args: argparse.Namespace) -> int:
         size=_size(args), steps=args.steps, seed=args.seed, guidance_scale=args.guidance, guider_scale=args.guider_scale,
         preprocess=args.preprocess, sample_posterior=not args.posterior_mode, screen_deterministic=args.screen_deterministic,
     )
-    out = _destinations(args)
+    out = None if args.estimate else _destinations(args)  # --estimate writes nothing
     device = resolve_device(args.device)
     dtype = args.dtype or str(default_dtype(device, get_preset(args.preset))).removeprefix("torch.")
     print(f"loading models (preset {args.preset}, {dtype} on {device})…", file=sys.stderr, flush=True)

@@ -221,13 +221,8 @@ class ColorFlowGuidedUpscaleVAE:
         fusion = load_fusion(colorflow_patch.folder, decoder, colorflow_patch.folder.parent).to(device)
         resolver = GuidedSuperResolver(decoder, fusion)
         pairs = pair_batches(images_to_pil(page), images_to_pil(guide), "colour pages and guides")
-        progress = comfy_bridge.progress_bar(len(pairs))
-        finals = []
-        for index, (colour, line_art) in enumerate(pairs):
-            comfy_bridge.check_interrupt()
-            generator = gsrp_generator(seed, device, (2 * colour.width, 2 * colour.height), cfg=True)
-            finals.append(resolver(colour, line_art, generator=generator, sample_posterior=sample_posterior))
-            progress(index + 1, len(pairs))
-        del resolver, decoder, fusion
-        comfy_bridge.soft_empty_cache()
+        finals = comfy_bridge.each(pairs, lambda pair, _progress: resolver(
+            *pair, generator=gsrp_generator(seed, device, (2 * pair[0].width, 2 * pair[0].height), cfg=True),
+            sample_posterior=sample_posterior,
+        ))
         return (pil_to_images(finals),)
