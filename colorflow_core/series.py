@@ -137,10 +137,10 @@ class SeriesWorker:
         self.model = model if model is not None else load_colorflow(**job.model)
         self.pool = pool if pool is not None else ReferencePool.open(job.pool, make_encoder(job.encoder, self.model))
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.settings = {
+        self.settings = json.loads(json.dumps({  # as the manifest reads back (tuples become lists)
             "options": asdict(self.job.options), "feed_back": job.feed_back,
             "model": model_fingerprint(job.model), "pool": pool_fingerprint(self.pool),
-        }
+        }))
 
     def pid(self) -> int:
         return os.getpid()
