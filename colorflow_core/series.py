@@ -160,6 +160,8 @@ class SeriesWorker:
         pages = chapter_pages(chapter)
         report.pages = len(pages)
         folder = self.job.out / chapter.name
+        for stale in folder.glob(".*.tmp"):  # a write cut short by a dead worker (one worker per chapter at a time)
+            stale.unlink()
         manifest = _read_manifest(folder / MANIFEST)
         records = {page.stem: {"source": _file_hash(page), "settings": self.settings} for page in pages}
         finished = [

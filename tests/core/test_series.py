@@ -68,7 +68,8 @@ def model_calls(monkeypatch, tiny_model) -> list[int]:
 
 def _run(args: list[str], capsys) -> tuple[int, dict]:
     code = main(args)
-    return code, json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out  # Ray may print its own notices (a worker died) before the summary
+    return code, json.loads(out[out.index("{\n"):])
 
 
 def test_series_writes_every_page_reports_a_bad_chapter_and_a_rerun_recomputes_none(tiny_release, tmp_path, capsys,
