@@ -6,27 +6,25 @@ import json
 import sys
 from pathlib import Path
 
-from .configured import DTYPES, resolve_device
-from .errors import ColorFlowError
+from .configured import resolve_device
 from .demo import register as register_demo
+from .errors import ColorFlowError
 from .evaluation.cli import register as register_evaluation
-from .training.cli import register as register_training
 from .imaging import auto_size, check_query_size, list_images, load_image, process_image
-from .loading import load_colorflow
-from .options import ColorizeOptions
 from .preprocessors import NEEDS, RELEASE_FILES, Preprocessors, preprocess_image
-from .presets import PRESET_NAMES, get_preset
-from .retrieval import OpenClipEncoder, ReferencePool
+from .retrieval import ReferencePool
 from .retrieval.store import write_json, write_png
-from .runtime import default_dtype
 from .compiling import compile_models
 from .sequence import colorize_pages
+from .cli_options import add_colorize_options, colorize_options, load_model, make_encoder, requested_size
+from .series_cli import register as register_series
 from .styles import PREPROCESS_METHODS, STYLE_NAMES, get_style
 from .timing import ProgressMeter, announce_estimate
 from .tiny import write_tiny_release
 from .tiny_comfyui import write_comfyui_tree
+from .training.cli import register as register_training
 from .validation import check_writable_folder
-from .weights import COLORFLOW_REPO, SD15_REPO, resolve_snapshot
+from .weights import COLORFLOW_REPO, resolve_snapshot
 
 
 def _pages(items: list[str]) -> list[Path]:
@@ -55,21 +53,8 @@ def _references(items: list[str]) -> list[str]:
     return items
 
 
-def _size(args: argparse.Namespace) -> tuple[int, int] | None:
-    if args.size is not None and (args.width is not None or args.height is not None):
-        raise ColorFlowError(f"give either --width/--height or --size {args.size}, not both")
-    if (args.width is None) != (args.height is None):
-        raise ColorFlowError("--width and --height go together")
-    if args.width is None:
-        return None
-    for flag, value in (("--width", args.width), ("--height", args.height)):
-        if value <= 0 or value % 32:
-            raise ColorFlowError(f"{flag} must be a positive multiple of 32, got {value}")
-    return args.width, args.height
-
-
 def _destinations(args: argparse.Namespace) -> Path:
-    """The output folder; it, the intermediates folder and a pool that fed-back pages join are checked writable
+    """The output folder; it, the intermediates folder and a pool that pages will be added to are checked writable
     before any work, so that no finished page is lost to a destination failing later."""
     out = check_writable_folder(args.out, "--out")
     if args.save_intermediates:
@@ -95,35 +80,15 @@ def save_intermediates(folder: Path, result) -> None:
     write_json(page_dir / "retrieval.json", {"top3": result.retrieval.indices.tolist(), **result.retrieval.to_json()})
 
 
-def _encoder(spec: str, model):
-    """'release' → the release's CLIP ViT-H/14; 'open_clip:MODEL[:WEIGHTS_FILE_OR_TAG]' → an open_clip model."""
-    if spec == "release":
-        return model.encoder
-    kind, _, rest = spec.partition(":")
-    if kind != "open_clip" or not rest:
-        raise ColorFlowError(f"unknown encoder '{spec}' (use 'release' or 'open_clip:MODEL[:WEIGHTS]')")
-    name, _, weights = rest.partition(":")
-    return OpenClipEncoder(name, weights or None, device=model.device)
-
-
 def colorize(args: argparse.Namespace) -> int:
     """Run the whole pipeline over the given pages; write `<out>/<page stem>.png`."""
     pages = _pages(args.pages)
     refs = _references(args.refs)
     if args.page_batch < 1:
         raise ColorFlowError("--page-batch must be at least 1")
-    options = ColorizeOptions(
-        size=_size(args), steps=args.steps, seed=args.seed, guidance_scale=args.guidance, guider_scale=args.guider_scale,
-        preprocess=args.preprocess, sample_posterior=not args.posterior_mode, screen_deterministic=args.screen_deterministic,
-    )
+    options = colorize_options(args)
     out = None if args.estimate else _destinations(args)  # --estimate writes nothing
-    device = resolve_device(args.device)
-    dtype = args.dtype or str(default_dtype(device, get_preset(args.preset))).removeprefix("torch.")
-    print(f"loading models (preset {args.preset}, {dtype} on {device})…", file=sys.stderr, flush=True)
-    model = load_colorflow(
-        args.colorflow, args.base, style=args.style, device=device, dtype=dtype, allow_download=args.download,
-        preset=args.preset,
-    )
+    model = load_model(args)
     if args.compile:
         compile_models(model.run_modules()["denoiser"])
         print("torch.compile: the first page compiles the denoiser blocks (slow), later pages reuse them",
@@ -131,7 +96,7 @@ def colorize(args: argparse.Namespace) -> int:
     announce_estimate(model, options, len(pages), args.feed_back or args.feed_back_into_pool)
     if args.estimate:
         return 0
-    pool = ReferencePool(_encoder(args.encoder, model), store=args.pool)
+    pool = ReferencePool(make_encoder(args.encoder, model), store=args.pool)
     added = pool.add(refs)
     print(f"{len(pool)} references in the pool ({added} new)", file=sys.stderr, flush=True)
     results = colorize_pages(
@@ -150,13 +115,14 @@ def preprocess(args: argparse.Namespace) -> int:
     pages = _pages(args.pages)
     out = check_writable_folder(args.out, "--out")
     method = args.preprocess or get_style(args.style).preprocess
-    size, native = _size(args), args.size == "native"
+    size, native = requested_size(args), args.size == "native"
     if size is not None:
         check_query_size(*size)
     needs, root = NEEDS.get(method), None
     if needs == "screen_style" or (needs == "line_extractor" and args.erika is None):
         root = resolve_snapshot(args.colorflow, RELEASE_FILES[needs], args.download, "the ColorFlow release")
     preprocessors = Preprocessors(root, erika=args.erika, device=resolve_device(args.device))
+    out = Path(args.out)
     for index, path in enumerate(pages):
         image = load_image(path)
         if not native:
@@ -170,7 +136,7 @@ def preprocess(args: argparse.Namespace) -> int:
 
 
 def make_tiny(args: argparse.Namespace) -> int:
-    """Write tiny random weights in the release layout."""
+    """Write tiny random weights in the release layout (or, with --comfyui, a ComfyUI models/ tree)."""
     if args.comfyui:
         print(json.dumps({name: str(path) for name, path in write_comfyui_tree(Path(args.folder), seed=args.seed).items()}))
         return 0
@@ -185,45 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("colorize", help="colorize pages with coloured references")
-    run.add_argument("--colorflow", default=COLORFLOW_REPO, help="ColorFlow release folder or Hugging Face repo id")
-    run.add_argument("--base", help=f"style gray: SD1.5 diffusers folder, repo id, or a single-file checkpoint (.safetensors), "
-                     f"default {SD15_REPO}; styles sketch/sketch_shading: PixArt-XL-2-1024-MS diffusers folder or repo id")
-    run.add_argument("--refs", nargs="+", required=True, help="reference images or folders")
+    add_colorize_options(run)
     run.add_argument("--out", required=True, help="output folder (gets <page stem>.png)")
-    run.add_argument("--style", default="gray", choices=STYLE_NAMES,
-                     help="input style: gray (SD1.5) or sketch / sketch_shading (line art, PixArt-α)")
-    run.add_argument("--preprocess", default=None, choices=PREPROCESS_METHODS,
-                     help="page preprocessing (default: the style's: gray → screen, sketch → sketch, …)")
-    run.add_argument("--screen-deterministic", action="store_true",
-                     help="ScreenStyle without its dropout and noise (otherwise they are seeded by --seed)")
-    run.add_argument("--width", type=int, help="query width (multiple of 32)")
-    run.add_argument("--height", type=int, help="query height (multiple of 32)")
-    run.add_argument("--size", choices=["auto"], help="pick 640x640, 512x800 or 800x512 by each page's aspect (default)")
-    run.add_argument("--steps", type=int, default=10, help="denoising steps")
-    run.add_argument("--seed", type=int, default=0, help="random seed (same meaning as upstream's)")
-    run.add_argument("--guidance", type=float, help="CFG scale (default: the style's, 7.5 gray / 4.5 sketch); 1.0 = no CFG (twice as fast)")
-    run.add_argument("--guider-scale", type=float, default=1.0, help="strength of the colour guider residuals")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
-    run.add_argument("--dtype", default=None, choices=list(DTYPES),
-                     help="weight dtype (default: float16 on CUDA, as upstream; float32 on the CPU)")
-    run.add_argument("--preset", default="faithful", choices=list(PRESET_NAMES),
-                     help="faithful: upstream numerics (default); fast: no CFG, LoRA merged, half precision, each canvas half "
-                          "encoded once; low-vram: one model on the GPU at a time, half precision, tiled decode; "
-                          "auto: picks faithful or low-vram from the free memory. --guidance overrides fast's 1.0")
     run.add_argument("--page-batch", type=int, default=1,
                      help="denoise this many same-size pages as one batch (SD styles; more memory, same result; "
                           "ignored with --feed-back)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the guider/UNet blocks (first page pays the compilation, minutes on a CPU)")
-    run.add_argument("--feed-back", action="store_true",
-                     help="each finished page joins the references for later pages (in memory: --pool is not changed)")
     run.add_argument("--feed-back-into-pool", action="store_true",
                      help="--feed-back, and the finished pages are added to --pool's store for good")
-    run.add_argument("--pool", help="folder that persists the reference pool's embeddings between runs")
-    run.add_argument("--encoder", default="release",
-                     help="retrieval encoder: 'release' (CLIP ViT-H/14, as upstream) or 'open_clip:MODEL[:WEIGHTS]'")
-    run.add_argument("--posterior-mode", action="store_true", help="GSRP decodes the posterior mean, not a sample")
-    run.add_argument("--download", action="store_true", help="download missing weights from Hugging Face")
     run.add_argument("--save-intermediates", metavar="DIR", help="write canvas, mask, icp, lowres, final, retrieval.json")
     run.add_argument("--estimate", action="store_true", help="load the models, print the time estimate and stop")
     run.add_argument("pages", nargs="+", help="page images or folders")
@@ -259,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=make_tiny)
 
     register_evaluation(commands)  # evaluate, bench, make-chapter
+    register_series(commands, add_colorize_options)  # colorize-series
     register_training(commands)  # prepare-training, train, bench-train
     register_demo(commands)  # demo
     return parser
