@@ -58,17 +58,15 @@ def _fake_writer(calls: list[Path], fail: bool = False):
 
 
 def test_tiny_weights_are_made_once_and_never_used_half_written(tmp_path, monkeypatch):
-    import colorflow_core.tiny
-
     calls: list[Path] = []
     folder = tmp_path / "cache" / "tiny-weights"
-    monkeypatch.setattr(colorflow_core.tiny, "write_tiny_release", _fake_writer(calls, fail=True))
+    monkeypatch.setattr(demo, "write_tiny_release", _fake_writer(calls, fail=True))
     with pytest.raises(KeyboardInterrupt):
         ensure_tiny_weights(folder)
     assert not folder.exists() and list((tmp_path / "cache").iterdir()) == []  # interrupted: nothing left behind
 
     folder.mkdir(parents=True)  # e.g. an older, incomplete copy
-    monkeypatch.setattr(colorflow_core.tiny, "write_tiny_release", _fake_writer(calls))
+    monkeypatch.setattr(demo, "write_tiny_release", _fake_writer(calls))
     release, base = ensure_tiny_weights(folder)
     assert (release, base) == (folder / "colorflow", folder / "sd15") and release.is_dir() and base.is_dir()
     assert ensure_tiny_weights(folder) == (release, base)
